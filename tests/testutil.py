@@ -1,0 +1,78 @@
+"""Shared test fixtures: tiny random HF checkpoints and a tiny tokenizer.
+
+Everything is built offline with transformers' own classes and
+`save_pretrained`, so tests exercise real safetensors files.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import numpy as np
+import tokenizers
+import torch
+import transformers
+
+FAMILIES = {
+    'llama': transformers.LlamaConfig,
+    'mistral': transformers.MistralConfig,
+    'qwen2': transformers.Qwen2Config,
+    'qwen3': transformers.Qwen3Config,
+}
+
+_CHARS = string.ascii_letters + string.digits + string.punctuation + ' \n'
+
+
+def make_tokenizer(out_dir: str | None = None
+                  ) -> transformers.PreTrainedTokenizerFast:
+  """A character-level tokenizer (vocab ~100) with pad/bos/eos/unk tokens."""
+  specials = ['<pad>', '<s>', '</s>', '<unk>']
+  vocab = {t: i for i, t in enumerate(specials + list(_CHARS))}
+  tok = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel(vocab=vocab, unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split('', 'isolated')
+  tok.decoder = tokenizers.decoders.Fuse()
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token='<pad>', bos_token='<s>',
+      eos_token='</s>', unk_token='<unk>')
+  if out_dir is not None:
+    fast.save_pretrained(out_dir)
+  return fast
+
+
+def tiny_hf_config(family: str = 'llama', **overrides):
+  """A tiny config of `family`; GQA by default (4 heads, 2 kv heads)."""
+  kwargs = dict(vocab_size=len(_CHARS) + 4, hidden_size=64,
+                intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=256, initializer_range=0.2,
+                tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+  kwargs.update(overrides)
+  return FAMILIES[family](**kwargs)
+
+
+def make_tiny_hf(out_dir: str, family: str = 'llama', seed: int = 0,
+                 dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+                 **overrides) -> transformers.PreTrainedModel:
+  """Saves a random tiny `family` model (+ tokenizer) to `out_dir`."""
+  torch.manual_seed(seed)
+  cfg = tiny_hf_config(family, **overrides)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  # Non-trivial norms and biases so a conversion slip cannot hide.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name or name.endswith('bias'):
+        p.copy_(torch.randn_like(p) * 0.1 + (1.0 if 'norm' in name else 0.0))
+  model = model.to(dtype)
+  model.save_pretrained(out_dir)
+  if tokenizer:
+    make_tokenizer(out_dir)
+  return model
+
+
+def random_tokens(batch: int, length: int, vocab: int,
+                  seed: int = 0) -> np.ndarray:
+  """Deterministic token ids in [4, vocab) (no special tokens)."""
+  return np.random.RandomState(seed).randint(4, vocab, (batch, length))
