@@ -1,68 +1,303 @@
-"""HF checkpoint directory (config.json + safetensors) <-> act-jax params.
+"""HF checkpoint directory (config.json + safetensors) -> act-jax params.
 
-First version: reads every tensor through safetensors' numpy API (no torch)
-into the stacked param tree of `forward.abstract_params`. To be hardened:
-streaming onto shardings, strict key/shape checks, export.
+Reading is strict and streaming:
+  1. Validate before reading any tensor data: config.json, the shard index
+     (every file it names must exist inside the checkpoint dir), every
+     safetensors header (corrupt/truncated files are named), and the full
+     key set and every shape against `hf_names` (missing, unexpected and
+     mis-shaped tensors are named with their file).
+  2. Fill one stacked leaf at a time on the host from the memory-mapped
+     shards (no torch: safetensors' numpy API; bf16 arrives as
+     `ml_dtypes.bfloat16`), cast it, place it straight onto its
+     NamedSharding and drop the host copy. Peak host memory is about one
+     model copy (the placed params) plus one leaf.
+Export back to HF lives in hf_export.py (`save_hf`, re-exported here).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from act_jax import forward, hf_names
-from act_jax.model_config import ModelConfig, from_hf_config
+from act_jax import forward, hf_names, sharding
+from act_jax.model_config import ConfigError, ModelConfig, from_hf_config
+
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+# safetensors header dtype -> numpy dtype we accept for weights.
+_DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+           'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64)}
+_PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 class ConversionError(ValueError):
   """A checkpoint that cannot be converted; the message names file and key."""
 
 
-def load_hf_config(hf_dir: str, dtype: str = 'float32',
-                   param_dtype: str = 'float32') -> ModelConfig:
-  """ModelConfig from `hf_dir/config.json`."""
+def read_hf_config_dict(hf_dir: str) -> dict[str, Any]:
+  """The parsed `hf_dir/config.json`.
+
+  Raises:
+    ConversionError naming the file when it is missing or not JSON.
+  """
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(path):
-    raise ConversionError(f'{path}: missing config.json')
-  with open(path) as f:
-    return from_hf_config(json.load(f), source=path, dtype=dtype,
-                          param_dtype=param_dtype)
+    raise ConversionError(f'{path}: missing config.json (is {hf_dir} an HF '
+                          'checkpoint directory?)')
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f'{path}: invalid JSON ({e})') from None
+  if not isinstance(d, dict):
+    raise ConversionError(f'{path}: expected a JSON object')
+  return d
 
 
-def _safetensors_files(hf_dir: str) -> list[str]:
-  index = os.path.join(hf_dir, 'model.safetensors.index.json')
-  if os.path.isfile(index):
+def checkpoint_dtype(hf_config: dict[str, Any]) -> str:
+  """The dtype config.json records (`dtype`/`torch_dtype`), else float32."""
+  name = str(hf_config.get('dtype') or hf_config.get('torch_dtype') or '')
+  return name if name in _PARAM_DTYPES else 'float32'
+
+
+def load_hf_config(hf_dir: str, dtype: str = 'float32',
+                   param_dtype: str = 'float32') -> ModelConfig:
+  """ModelConfig from `hf_dir/config.json`.
+
+  Raises:
+    ConversionError naming the file and the field it cannot honour.
+  """
+  hf = read_hf_config_dict(hf_dir)
+  try:
+    return from_hf_config(hf, source=os.path.join(hf_dir, 'config.json'),
+                          dtype=dtype, param_dtype=param_dtype)
+  except ConfigError as e:
+    raise ConversionError(str(e)) from None
+
+
+def _inside(hf_dir: str, name: str, index: str) -> str:
+  """Path of `name` from the index, which must stay inside `hf_dir`."""
+  if not isinstance(name, str) or not name or os.path.isabs(name):
+    raise ConversionError(f'{index}: file {name!r} must be a relative path '
+                          'inside the checkpoint directory')
+  root = os.path.realpath(hf_dir)
+  path = os.path.realpath(os.path.join(root, name))
+  if os.path.commonpath([root, path]) != root:
+    raise ConversionError(f'{index}: file {name!r} resolves outside the '
+                          f'checkpoint directory {hf_dir}')
+  return path
+
+
+def checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of `hf_dir` and the index's `{key: file}` if any.
+
+  Raises:
+    ConversionError naming the index entry or the missing file.
+  """
+  index = os.path.join(hf_dir, INDEX_FILE)
+  if not os.path.isfile(index):
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if not os.path.isfile(single):
+      raise ConversionError(f'{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} '
+                            '(only safetensors checkpoints are read)')
+    return [single], None
+  try:
     with open(index) as f:
-      names = sorted(set(json.load(f)['weight_map'].values()))
-    return [os.path.join(hf_dir, n) for n in names]
-  return [os.path.join(hf_dir, 'model.safetensors')]
+      weight_map = json.load(f).get('weight_map')
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise ConversionError(f'{index}: invalid index JSON ({e})') from None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ConversionError(f'{index}: missing or empty "weight_map"')
+  key_file, files = {}, []
+  for key, name in weight_map.items():
+    path = _inside(hf_dir, name, index)
+    if path not in files:
+      if not os.path.isfile(path):
+        raise ConversionError(f'{index}: shard {name!r} (holding {key!r}) '
+                              f'does not exist: {path}')
+      files.append(path)
+    key_file[key] = path
+  return files, key_file
 
 
-def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None,
-                   **unused: Any) -> tuple[ModelConfig, dict]:
-  """Reads an HF directory into `(cfg, params)` (numpy-backed jax arrays)."""
-  cfg = cfg or load_hf_config(hf_dir)
+def read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
+  """`{key: (file, shape, dtype)}` from the safetensors headers only.
+
+  Raises:
+    ConversionError naming a corrupt/truncated file or a duplicated key.
+  """
+  out = {}
+  for path in files:
+    try:
+      with safe_open(path, framework='numpy') as f:
+        for key in f.keys():
+          s = f.get_slice(key)
+          if key in out:
+            raise ConversionError(f'{path}: tensor {key!r} also in '
+                                  f'{out[key][0]}')
+          out[key] = (path, tuple(s.get_shape()), s.get_dtype())
+    except ConversionError:
+      raise
+    except Exception as e:  # safetensors raises its own Rust error types
+      raise ConversionError(f'{path}: corrupt or truncated safetensors file '
+                            f'({e})') from None
+  return out
+
+
+def validate_checkpoint(cfg: ModelConfig, headers: dict[str, tuple],
+                        key_file: dict[str, str] | None,
+                        where: str) -> None:
+  """Checks keys, shapes and dtypes of all tensors against `cfg`.
+
+  Raises:
+    ConversionError listing every missing, unexpected or mis-shaped tensor
+    with its file, expected and found shape.
+  """
+  problems = []
+  if key_file is not None:
+    for key, path in key_file.items():
+      if key not in headers:
+        problems.append(f'index names tensor {key!r} but {path} lacks it')
+      elif headers[key][0] != path:
+        problems.append(f'index puts {key!r} in {path}, found in '
+                        f'{headers[key][0]}')
+    for key, (path, _, _) in headers.items():
+      if key not in key_file:
+        problems.append(f'tensor {key!r} in {path} is not in the index')
   abstract = forward.abstract_params(cfg)
-  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   table = hf_names.hf_key_table(cfg)
-  for path in _safetensors_files(hf_dir):
-    with safe_open(path, framework='numpy') as f:
-      for key in f.keys():
-        if key not in table:
-          continue
-        e = table[key]
-        leaf = params
-        for p in e.path[:-1]:
-          leaf = leaf[p]
-        t = f.get_tensor(key)
+  for key, e in table.items():
+    if key not in headers:
+      problems.append(f'missing tensor {key!r} (expected in {where})')
+      continue
+    path, shape, dtype = headers[key]
+    want = hf_names.hf_shape(e, _leaf(abstract, e.path).shape)
+    if shape != want:
+      problems.append(f'tensor {key!r} in {path}: expected shape {want}, '
+                      f'found {shape}')
+    if dtype not in _DTYPES:
+      problems.append(f'tensor {key!r} in {path}: unsupported dtype {dtype} '
+                      f'(supported: {", ".join(_DTYPES)})')
+  optional = hf_names.optional_hf_keys(cfg)
+  for key, (path, _, _) in headers.items():
+    if key not in table and key not in optional:
+      problems.append(f'unexpected tensor {key!r} in {path} (no place for it'
+                      f' in a {cfg.model_type} model of this config)')
+  if problems:
+    more = f' (+{len(problems) - 10} more)' if len(problems) > 10 else ''
+    raise ConversionError(f'{where}: ' + '; '.join(problems[:10]) + more)
+
+
+def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _place(host: np.ndarray, target: jax.sharding.Sharding | None):
+  """Puts a host array onto `target` (or the default device)."""
+  if target is None:
+    return jax.device_put(host)
+  # Works when the mesh spans processes too: each process fills its shards.
+  return jax.make_array_from_callback(host.shape, target,
+                                      lambda idx: host[idx])
+
+
+def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
+                   mesh: jax.sharding.Mesh | None = None,
+                   rules=sharding.DEFAULT_RULES,
+                   param_dtype: str | None = None
+                   ) -> tuple[ModelConfig, dict[str, Any]]:
+  """Reads an HF checkpoint dir into `(cfg, params)`, strictly, streaming.
+
+  Args:
+    hf_dir: holds config.json and model.safetensors, or an index + shards.
+    cfg: use this config instead of reading config.json.
+    mesh: place every leaf on its NamedSharding (`forward.logical_axes` +
+      `rules`); default: the default device.
+    rules: logical axis rules for `mesh`.
+    param_dtype: dtype to store params in; default `cfg.param_dtype` when
+      `cfg` is given, else the dtype config.json records (float32 if none).
+
+  Raises:
+    ConversionError naming the file (and key) at fault, before any tensor
+    data is read.
+  """
+  if param_dtype is not None and param_dtype not in _PARAM_DTYPES:
+    raise ConversionError(f'param_dtype {param_dtype!r} is not one of '
+                          f'{", ".join(_PARAM_DTYPES)}')
+  if cfg is None:
+    dt = param_dtype or checkpoint_dtype(read_hf_config_dict(hf_dir))
+    cfg = load_hf_config(hf_dir, param_dtype=dt)
+  elif param_dtype is not None:
+    cfg = cfg.replace(param_dtype=param_dtype)
+  files, key_file = checkpoint_files(hf_dir)
+  headers = read_headers(files)
+  where = os.path.join(hf_dir, INDEX_FILE if key_file else SINGLE_FILE)
+  validate_checkpoint(cfg, headers, key_file, where)
+
+  abstract = forward.abstract_params(cfg)
+  targets = None
+  if mesh is not None:
+    targets = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
+                                      abstract, rules)
+  by_path = collections.defaultdict(list)
+  for e in hf_names.hf_entries(cfg):
+    by_path[e.path].append(e)
+  handles = {}
+  params: dict[str, Any] = {}
+  start, done_bytes = time.time(), 0
+  total_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  try:
+    for path in files:
+      handles[path] = safe_open(path, framework='numpy')
+    for n, (path, entries) in enumerate(by_path.items(), start=1):
+      leaf = _leaf(abstract, path)
+      host = np.empty(leaf.shape, leaf.dtype)
+      for e in entries:
+        t = handles[headers[e.hf_key][0]].get_tensor(e.hf_key)
         t = t.T if e.transpose else t
         if e.layer is None:
-          leaf[e.path[-1]][...] = t
+          host[...] = t
         else:
-          leaf[e.path[-1]][e.layer] = t
-  return cfg, jax.tree.map(jax.numpy.asarray, params)
+          host[e.layer] = t
+        del t
+      target = _leaf(targets, path) if targets is not None else None
+      _set_leaf(params, path, _place(host, target))
+      done_bytes += host.nbytes
+      del host
+      elapsed = time.time() - start
+      logging.log_every_n_seconds(
+          logging.INFO, 'converted %d/%d leaves, %.0f MB, %.1f MB/s', 5, n,
+          len(by_path), done_bytes / 2**20,
+          done_bytes / 2**20 / max(elapsed, 1e-6))
+  finally:
+    for h in handles.values():
+      h.__exit__(None, None, None)
+  logging.info('loaded %s from %s: %d params (%s) in %.1f s', cfg.model_type,
+               hf_dir, total_bytes // np.dtype(cfg.param_dtype).itemsize,
+               cfg.param_dtype, time.time() - start)
+  return cfg, params
+
+
+def __getattr__(name: str):
+  # save_hf lives in hf_export (which imports this module); expose it here.
+  if name in ('save_hf', 'hf_config_dict'):
+    from act_jax import hf_export  # pylint: disable=g-import-not-at-top
+    return getattr(hf_export, name)
+  raise AttributeError(name)

@@ -1,0 +1,109 @@
+"""Command line: HF checkpoint dir <-> act-jax params dir.
+
+  python -m act_jax.convert --hf_dir=IN --params_dir=OUT [--param_dtype=bfloat16]
+  python -m act_jax.convert --to_hf --params_dir=IN --hf_dir=OUT \
+      [--max_shard_bytes=1073741824]
+
+HF -> params reads config.json + safetensors strictly (see hf_convert.py) and
+writes model_config.json, hf_config.json, tokenizer files and an orbax
+`params/` checkpoint. --to_hf writes sharded safetensors, config.json (the
+source config.json's other fields kept), tokenizer files and a README.md.
+Outputs appear atomically: on any error no output directory is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from act_jax import checkpoint, hf_convert, hf_export
+from act_jax.model_config import ModelConfig
+
+_HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory '
+                              '(input, or output with --to_hf).')
+_PARAMS_DIR = flags.DEFINE_string('params_dir', None, 'act-jax params '
+                                  'directory (output, or input with --to_hf).')
+_TO_HF = flags.DEFINE_bool('to_hf', False, 'Convert params_dir -> hf_dir '
+                           'instead of hf_dir -> params_dir.')
+_PARAM_DTYPE = flags.DEFINE_enum(
+    'param_dtype', None, ['float32', 'bfloat16', 'float16'],
+    'Dtype of the written params; default: the input checkpoint\'s dtype.')
+_MAX_SHARD_BYTES = flags.DEFINE_integer(
+    'max_shard_bytes', 2**30, 'With --to_hf: largest safetensors shard, '
+    'bytes.', lower_bound=1)
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing '
+                               'output directory.')
+
+
+def convert_hf_to_params(hf_dir: str, params_dir: str, *,
+                         param_dtype: str | None = None,
+                         overwrite: bool = False) -> ModelConfig:
+  """HF checkpoint dir -> params dir (all checks happen before writing)."""
+  if os.path.exists(params_dir) and not overwrite:
+    raise FileExistsError(f'{params_dir}: output already exists')
+  start = time.time()
+  hf_config = hf_convert.read_hf_config_dict(hf_dir)
+  cfg, params = hf_convert.load_hf_params(hf_dir, param_dtype=param_dtype)
+  checkpoint.save_params_dir(
+      params_dir, params, cfg, tokenizer_dir=hf_dir, hf_config=hf_config,
+      meta={'source': os.path.abspath(hf_dir), 'format': 'hf'},
+      overwrite=overwrite)
+  logging.info('converted %s -> %s in %.1f s', hf_dir, params_dir,
+               time.time() - start)
+  return cfg
+
+
+def convert_params_to_hf(params_dir: str, hf_dir: str, *,
+                         param_dtype: str | None = None,
+                         max_shard_bytes: int = 2**30,
+                         overwrite: bool = False) -> ModelConfig:
+  """Params dir -> HF checkpoint dir loadable by transformers."""
+  if os.path.exists(hf_dir) and not overwrite:
+    raise FileExistsError(f'{hf_dir}: output already exists')
+  start = time.time()
+  cfg, params = checkpoint.load_params_dir(params_dir, param_dtype=param_dtype)
+  hf_export.save_hf(params, cfg, hf_dir,
+                    hf_config=checkpoint.load_hf_config_dict(params_dir),
+                    tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
+                    overwrite=overwrite)
+  logging.info('converted %s -> %s in %.1f s', params_dir, hf_dir,
+               time.time() - start)
+  return cfg
+
+
+def _check_flags() -> tuple[str, str]:
+  """(input, output) directories, or app.UsageError naming the flag."""
+  for flag in (_HF_DIR, _PARAMS_DIR):
+    if not flag.value:
+      raise app.UsageError(f'--{flag.name} is required')
+  src, dst = ((_PARAMS_DIR, _HF_DIR) if _TO_HF.value else
+              (_HF_DIR, _PARAMS_DIR))
+  if not os.path.isdir(src.value):
+    raise app.UsageError(f'--{src.name}={src.value}: not a directory')
+  if os.path.abspath(src.value) == os.path.abspath(dst.value):
+    raise app.UsageError(f'--{dst.name} must differ from --{src.name}')
+  if os.path.exists(dst.value) and not _OVERWRITE.value:
+    raise app.UsageError(f'--{dst.name}={dst.value} already exists (pass '
+                         '--overwrite to replace it)')
+  return src.value, dst.value
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  src, dst = _check_flags()
+  if _TO_HF.value:
+    convert_params_to_hf(src, dst, param_dtype=_PARAM_DTYPE.value,
+                         max_shard_bytes=_MAX_SHARD_BYTES.value,
+                         overwrite=_OVERWRITE.value)
+  else:
+    convert_hf_to_params(src, dst, param_dtype=_PARAM_DTYPE.value,
+                         overwrite=_OVERWRITE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
