@@ -1,0 +1,402 @@
+"""Masked fine-tuning loop (also full training from scratch for the toy demo).
+
+`finetune(train_cfg, params, cfg, batches, mask=, mesh=, workdir=)`:
+  - one jitted, sharded step: params per `forward.logical_axes`, the batch
+    over ('data', 'fsdp'), optimizer state following its params;
+  - loss = mean next-token cross-entropy over loss-mask targets (float32),
+    gradient accumulation by an in-step `lax.scan` over micro-batches (the
+    exact full-batch gradient; no extra optimizer state);
+  - orbax checkpoints every `save_every` steps (params, opt state, step, data
+    position, rng) in `workdir/checkpoints`; a rerun resumes from the latest
+    one and, since the data order is a function of the step, ends with the
+    same params as an uninterrupted run;
+  - a non-finite loss or gradient leaves the state untouched (selected
+    in-graph), stops the run with `TrainingDivergedError` and never saves
+    the bad state: the last good checkpoint stays the latest;
+  - metrics: `workdir/metrics.jsonl` per logged step, TensorBoard events in
+    `workdir/tb`, console progress with rate and ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from act_jax import forward, losses, metrics_log, optim, sharding
+from act_jax.model_config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """The `train` sub-config (also accepted as an ml_collections ConfigDict)."""
+
+  num_steps: int = 200  # optimizer steps (one update per step)
+  lr: float = 1e-5  # peak learning rate (AdamW), per step
+  warmup_frac: float = 0.03  # fraction of num_steps of linear warmup from 0
+  schedule: str = 'cosine'  # decay after warmup: cosine | linear | constant
+  weight_decay: float = 0.0  # decoupled AdamW weight decay, per step * lr
+  clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
+  grad_accum: int = 1  # micro-batches per step (batch_size % grad_accum == 0)
+  batch_size: int = 8  # sequences per optimizer step (global, all devices)
+  max_seq_len: int = 128  # T, tokens per sequence
+  overlength: str = 'error'  # batches longer than max_seq_len: error|truncate
+  scope: str = 'channels'  # what moves: channels | modules | full
+  lean: bool = False  # channels only: Adam state just for selected slices
+  save_every: int = 50  # checkpoint every N steps (and at the end); 0 = end
+  keep_checkpoints: int = 2  # checkpoints kept on disk
+  seed: int = 0  # rng seed (saved in checkpoints; data order is by step)
+  log_every: int = 10  # console progress every N steps (JSONL every step)
+  compute_dtype: str = 'float32'  # forward dtype; params stay as given
+  b1: float = 0.9  # Adam beta1
+  b2: float = 0.999  # Adam beta2
+  eps: float = 1e-8  # Adam epsilon
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """TrainConfig's defaults as a ConfigDict (for configs/*.py)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+
+
+def check_train_config(train_cfg) -> TrainConfig:
+  """A TrainConfig from a dataclass or ConfigDict; errors name the field."""
+  if isinstance(train_cfg, TrainConfig):
+    values = dataclasses.asdict(train_cfg)
+  else:
+    values = dict(train_cfg.items() if hasattr(train_cfg, 'items')
+                  else vars(train_cfg))
+  unknown = sorted(set(values) - set(FIELDS))
+  if unknown:
+    raise ValueError(f'train config: unknown fields {unknown}; known: '
+                     f'{list(FIELDS)}')
+  tc = TrainConfig(**values)
+  checks = [
+      (tc.num_steps > 0, 'num_steps must be > 0'),
+      (tc.lr >= 0, 'lr must be >= 0'),
+      (0 <= tc.warmup_frac < 1, 'warmup_frac must be in [0, 1)'),
+      (tc.grad_accum >= 1, 'grad_accum must be >= 1'),
+      (tc.batch_size % tc.grad_accum == 0,
+       f'batch_size={tc.batch_size} is not a multiple of grad_accum='
+       f'{tc.grad_accum}'),
+      (tc.overlength in ('error', 'truncate'),
+       f"overlength={tc.overlength!r}: expected 'error' or 'truncate'"),
+      (tc.compute_dtype in ('float32', 'bfloat16'),
+       f'compute_dtype={tc.compute_dtype!r}: expected float32 or bfloat16'),
+      (tc.save_every >= 0, 'save_every must be >= 0'),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(f'train.{msg}')
+  return tc
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or gradient became NaN/inf; the bad step was not applied."""
+
+
+# ------------------------------------------------------------------ data
+
+
+class BatchSource:
+  """Deterministic batch-by-step access over the accepted batch inputs.
+
+  `batches` may be a callable `step -> batch`, a sequence (step i reads
+  `batches[i % len]`, i.e. epochs in order) or an iterable (consumed in
+  order; on resume the first `step` items are skipped).
+  """
+
+  def __init__(self, batches, train_cfg: TrainConfig):
+    self._tc = train_cfg
+    self._fn = self._seq = self._it = None
+    self.num_truncated = 0
+    if callable(batches):
+      self._fn = batches
+    elif isinstance(batches, Sequence):
+      if len(batches) == 0:
+        raise ValueError('the fine-tune set is empty: no batches given')
+      self._seq = batches
+    elif isinstance(batches, Iterable):
+      self._it = iter(batches)
+      self._pos = 0
+    else:
+      raise TypeError(f'batches must be a callable, sequence or iterable, '
+                      f'got {type(batches).__name__}')
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    if self._fn is not None:
+      raw = self._fn(step)
+    elif self._seq is not None:
+      raw = self._seq[step % len(self._seq)]
+    else:
+      while self._pos <= step:
+        try:
+          raw = next(self._it)
+        except StopIteration:
+          if self._pos == 0:
+            raise ValueError('the fine-tune set is empty: the batch iterator '
+                             'yielded nothing') from None
+          raise ValueError(f'the batch iterator ran out at step {step} of '
+                           f'{self._tc.num_steps}') from None
+        self._pos += 1
+    return self._check(losses.as_loss_batch(raw), step)
+
+  def _check(self, batch, step):
+    losses.check_batch(batch, f'batch of step {step}')
+    tc = self._tc
+    b, t = batch['tokens_bt'].shape
+    if b != tc.batch_size:
+      raise ValueError(f'batch of step {step} has {b} rows; '
+                       f'train.batch_size={tc.batch_size}')
+    if t > tc.max_seq_len:
+      over = int(np.sum(np.any(
+          np.asarray(batch['attention_mask_bt'])[:, tc.max_seq_len:], -1)))
+      if tc.overlength == 'error':
+        raise ValueError(
+            f'batch of step {step} has length {t} > train.max_seq_len='
+            f'{tc.max_seq_len} ({over} sequences longer); set '
+            'train.overlength=truncate or a larger max_seq_len')
+      self.num_truncated += over
+      if over:
+        logging.warning('step %d: truncated %d sequences to max_seq_len=%d '
+                        '(%d so far)', step, over, tc.max_seq_len,
+                        self.num_truncated)
+      batch = {k: v[:, :tc.max_seq_len] for k, v in batch.items()}
+    return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+
+def sft_batches(data_cfg, tokenizer, records=None):
+  """SFT batches via data.py: response-only loss (`loss_on='response'`).
+
+  `data_cfg` is a data.DataConfig (template qa/chat with prompt and response
+  fields); several sources can be mixed first with `data.mix_sources` and
+  passed as `records`. Returns (batches, info); data.DataError names an
+  empty set, a missing field or an overlong text (`overflow='error'`).
+  """
+  from act_jax import data  # pylint: disable=g-import-not-at-top
+  data_cfg = dataclasses.replace(data_cfg, loss_on='response')
+  return data.load_batches(data_cfg, tokenizer, records)
+
+
+# ------------------------------------------------------------------ step
+
+
+def _masked_norm(grads, mask):
+  if mask is None:
+    return optax.tree.norm(grads)
+  return optax.tree.norm(jax.tree.map(
+      lambda g, m: jnp.where(jnp.asarray(m), g, 0), grads, mask))
+
+
+def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
+                    compute_dtype: str) -> Callable:
+  """`(params, opt_state, batch, step) -> (params, opt_state, metrics)`.
+
+  Not jitted here (see `_jit_step`). A non-finite loss/grad-norm returns the
+  input state unchanged with `metrics['ok'] = False`.
+  """
+  ccfg = cfg.replace(dtype=compute_dtype)
+
+  def step_fn(params, opt_state, batch, step):
+    weights = losses.target_weights(batch)
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+
+    def micro_loss(p, mb):
+      s, _ = losses.nll_sum(p, mb, ccfg)
+      return s / total
+
+    if grad_accum == 1:
+      loss, grads = jax.value_and_grad(micro_loss)(params, batch)
+    else:
+      # Row r goes to micro-batch r % A, so each device keeps its own rows.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(
+              x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]),
+              0, 1), batch)
+
+      def body(carry, mb):
+        l, g = jax.value_and_grad(micro_loss)(params, mb)
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+
+      zero = (jnp.zeros((), jnp.float32),
+              jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(body, zero, micro)
+    grad_norm = _masked_norm(grads, opt.write_mask)
+    updates, new_state = opt.tx.update(grads, opt_state, params)
+    new_params = optim.apply_updates(params, updates, opt.write_mask)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                                         new, old)
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
+               'lr': jnp.asarray(opt.schedule(step), jnp.float32),
+               'tokens': jnp.sum(batch['attention_mask_bt']), 'ok': ok}
+    return keep(new_params, params), keep(new_state, opt_state), metrics
+
+  return step_fn
+
+
+def _state_shardings(mesh, tx, params, param_sh):
+  abstract = jax.eval_shape(tx.init, params)
+  rep = sharding.replicated(mesh)
+  try:
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract, param_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  except Exception:  # pylint: disable=broad-except  (unusual state layouts)
+    return jax.tree.map(lambda _: rep, abstract)
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+def _manager(workdir: str, tc: TrainConfig) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints,
+                                           create=True))
+
+
+def _check_resume_config(workdir: str, tc: TrainConfig) -> None:
+  """Writes train_config.json, or checks a resumed run's fields match."""
+  path = os.path.join(workdir, 'train_config.json')
+  cur = dataclasses.asdict(tc)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    keys = ('num_steps', 'batch_size', 'grad_accum', 'scope', 'lean', 'seed',
+            'lr', 'schedule', 'warmup_frac', 'weight_decay', 'max_seq_len')
+    diff = [k for k in keys if old.get(k) != cur[k]]
+    if diff:
+      raise ValueError(f'{path}: resuming with changed train fields {diff} '
+                       f'(was {[old.get(k) for k in diff]}, now '
+                       f'{[cur[k] for k in diff]}); use a new workdir')
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(cur, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
+             mask=None, mesh=None, workdir: str | None = None) -> Params:
+  """Trains `params` for `train_cfg.num_steps` steps; returns the new params.
+
+  Args:
+    train_cfg: TrainConfig or ConfigDict with TrainConfig's fields.
+    params: the start params (fp32 master weights; `compute_dtype` only
+      changes the forward).
+    cfg: the model config.
+    batches: callable `step -> batch`, a sequence of batches (cycled), or an
+      iterable. A batch is a dict of `[B, T]` int arrays `tokens_bt`,
+      `attention_mask_bt`, `loss_mask_bt` (or data.py's `token_mask_bt`).
+    mask: bool pytree aligned with params (True = trainable); needed for
+      scope channels/modules.
+    mesh: device mesh (default: all devices on 'data').
+    workdir: checkpoints, metrics.jsonl, tb/; None = no checkpoints/logs.
+
+  Raises:
+    ValueError for a bad config, empty data or a bad batch (before
+    compiling); TrainingDivergedError on a non-finite loss.
+  """
+  tc = check_train_config(train_cfg)
+  source = BatchSource(batches, tc)
+  first = source.get(0)  # fail on bad data before any compile
+  mesh = mesh or sharding.make_mesh()
+  opt = optim.make_optimizer(tc, params, mask)
+  param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg), params)
+  state_sh = _state_shardings(mesh, opt.tx, params, param_sh)
+  batch_sh = jax.tree.map(
+      lambda x: sharding.named_sharding(mesh, ('batch', 'length'), x.shape),
+      first)
+  rep = sharding.replicated(mesh)
+  step_fn = jax.jit(
+      make_train_step(cfg, opt, tc.grad_accum, tc.compute_dtype),
+      in_shardings=(param_sh, state_sh, batch_sh, rep),
+      out_shardings=(param_sh, state_sh, rep),
+      donate_argnums=(0, 1))
+
+  params = jax.device_put(params, param_sh)
+  opt_state = jax.jit(opt.tx.init, out_shardings=state_sh)(params)
+  rng = jax.random.key_data(jax.random.key(tc.seed))
+  start = 0
+  mgr = None
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    _check_resume_config(workdir, tc)
+    mgr = _manager(workdir, tc)
+    latest = mgr.latest_step()
+    if latest is not None:
+      target = {
+          'params': jax.tree.map(
+              lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+              params, param_sh),
+          'opt_state': jax.tree.map(
+              lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+              opt_state, state_sh),
+          'rng': jax.ShapeDtypeStruct(rng.shape, rng.dtype),
+      }
+      restored = mgr.restore(latest, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          meta=ocp.args.JsonRestore()))
+      params = restored['state']['params']
+      opt_state = restored['state']['opt_state']
+      rng = restored['state']['rng']
+      start = int(restored['meta']['step'])
+      logging.info('resumed from %s at step %d', mgr.directory, start)
+
+  logger = metrics_log.MetricsLogger(workdir, tc.num_steps)
+  last_time, last_step = time.time(), start
+  try:
+    for step in range(start, tc.num_steps):
+      batch = first if step == 0 else source.get(step)
+      params, opt_state, metrics = step_fn(params, opt_state, batch,
+                                           jnp.asarray(step, jnp.int32))
+      metrics = jax.device_get(metrics)
+      if not metrics['ok']:
+        good = mgr.latest_step() if mgr else None
+        if mgr:
+          mgr.wait_until_finished()
+        raise TrainingDivergedError(
+            f'non-finite loss {float(metrics["loss"])} / grad_norm '
+            f'{float(metrics["grad_norm"])} at step {step} (lr '
+            f'{float(metrics["lr"]):.3g}); the step was not applied and '
+            f'nothing was saved; last good checkpoint: '
+            f'{"none" if good is None else f"step {good} in {mgr.directory}"}')
+      done = step + 1
+      now = time.time()
+      row = {k: v for k, v in metrics.items() if k not in ('ok', 'tokens')}
+      row['tokens_per_s'] = float(metrics['tokens']) / max(now - last_time,
+                                                           1e-9)
+      last_time = now
+      logger.log(done, row, console=(done % max(tc.log_every, 1) == 0 or
+                                     done == tc.num_steps))
+      if mgr and ((tc.save_every and done % tc.save_every == 0) or
+                  done == tc.num_steps):
+        mgr.save(done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(
+                {'params': params, 'opt_state': opt_state, 'rng': rng}),
+            meta=ocp.args.JsonSave({'step': done, 'data_position': done,
+                                    'num_truncated': source.num_truncated})))
+      last_step = done
+  finally:
+    logger.close()
+    if mgr:
+      mgr.wait_until_finished()
+      mgr.close()
+  del last_step
+  return params

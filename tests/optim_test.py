@@ -1,0 +1,150 @@
+"""Tests for optim.py: channel/module freezing, lean state, schedules."""
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import optax
+
+from act_jax import forward, optim, train
+from act_jax.model_config import ModelConfig
+
+CFG = ModelConfig(model_type='llama', vocab_size=48, hidden_size=32,
+                  intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8)
+
+
+def toy_batches(n, batch=8, length=12, vocab=48, seed=0):
+  """Sequences counting up mod vocab from a random start: learnable."""
+  rng = np.random.RandomState(seed)
+  out = []
+  for _ in range(n):
+    start = rng.randint(0, vocab, (batch, 1))
+    tokens = (start + np.arange(length)) % vocab
+    ones = np.ones((batch, length), np.int32)
+    out.append({'tokens_bt': tokens.astype(np.int32),
+                'attention_mask_bt': ones, 'loss_mask_bt': ones})
+  return out
+
+
+def channel_mask(seed=0):
+  """Per-layer different channel sets on two sites (as [L, C] masks)."""
+  rng = np.random.RandomState(seed)
+  q = rng.rand(CFG.num_layers, CFG.q_dim) < 0.2
+  down = np.zeros((CFG.num_layers, CFG.hidden_size), bool)
+  down[0, [1, 5, 7]] = True  # layer 1 holds none
+  return {'layers': {'self_attn': {'q_proj': {'kernel': q}},
+                     'mlp': {'down_proj': {'kernel': down}}}}
+
+
+def tcfg(**kw):
+  base = dict(num_steps=20, lr=1e-2, weight_decay=0.1, warmup_frac=0.1,
+              batch_size=8, max_seq_len=12, scope='channels', save_every=0,
+              log_every=100)
+  base.update(kw)
+  return train.TrainConfig(**base)
+
+
+class OptimTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.params = jax.device_get(forward.init_params(CFG, jax.random.key(0)))
+    cls.batches = toy_batches(4)
+
+  def _run(self, **kw):
+    p = jax.tree.map(np.copy, self.params)
+    out = train.finetune(tcfg(**kw), p, CFG, self.batches,
+                         mask=channel_mask() if kw.get('scope') != 'full'
+                         else None)
+    return jax.device_get(out)
+
+  def test_channels_freeze_bitwise_and_lean_matches(self):
+    full = self._run(scope='channels')
+    lean = self._run(scope='channels', lean=True)
+    mask = optim.normalize_mask(channel_mask(), self.params)
+    moved = 0
+    for (path, before), after, m in zip(
+        jax.tree_util.tree_leaves_with_path(self.params),
+        jax.tree.leaves(full), jax.tree.leaves(mask)):
+      m = np.broadcast_to(m, before.shape)
+      frozen_same = before.view(np.uint32)[~m] == after.view(np.uint32)[~m]
+      self.assertTrue(frozen_same.all(), jax.tree_util.keystr(path))
+      moved += int((before[m] != after[m]).sum())
+    sel, _ = optim.mask_counts(mask, self.params)
+    self.assertEqual(moved, sel)  # every selected entry moved
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(lean)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  def test_lean_state_is_smaller(self):
+    tc = tcfg()
+    full = optim.make_optimizer(tc, self.params, channel_mask())
+    lean = optim.make_optimizer(tcfg(lean=True), self.params, channel_mask())
+    b_full = optim.opt_state_bytes(full.tx, self.params)
+    b_lean = optim.opt_state_bytes(lean.tx, self.params)
+    self.assertLess(b_lean, b_full / 10)
+    sel, _ = optim.mask_counts(optim.normalize_mask(channel_mask(),
+                                                    self.params), self.params)
+    self.assertGreaterEqual(b_lean, 2 * 4 * sel)  # mu and nu of each entry
+
+  def test_modules_freeze_other_leaves_bitwise(self):
+    out = self._run(scope='modules')
+    p, o = self.params['layers'], out['layers']
+    # q_proj moves in both layers (channels there in both), whole rows too.
+    self.assertTrue((p['self_attn']['q_proj']['kernel'] !=
+                     o['self_attn']['q_proj']['kernel']).mean() > 0.9)
+    # down_proj: layer 0 moves entirely, layer 1 holds no channel: frozen.
+    self.assertTrue((p['mlp']['down_proj']['kernel'][0] !=
+                     o['mlp']['down_proj']['kernel'][0]).mean() > 0.9)
+    np.testing.assert_array_equal(p['mlp']['down_proj']['kernel'][1],
+                                  o['mlp']['down_proj']['kernel'][1])
+    for name in ('k_proj', 'v_proj', 'o_proj'):
+      np.testing.assert_array_equal(p['self_attn'][name]['kernel'],
+                                    o['self_attn'][name]['kernel'])
+    np.testing.assert_array_equal(self.params['embed_tokens']['embedding'],
+                                  out['embed_tokens']['embedding'])
+    # frozen leaves keep no optimizer state
+    opt = optim.make_optimizer(tcfg(scope='modules'), self.params,
+                               channel_mask())
+    self.assertLess(optim.opt_state_bytes(opt.tx, self.params),
+                    optim.opt_state_bytes(
+                        optim.make_optimizer(tcfg(scope='full'), self.params
+                                            ).tx, self.params) / 3)
+
+  def test_optax_masked_would_not_freeze(self):
+    # Why the mask goes on the final updates: optax.masked passes frozen
+    # leaves' raw gradients through as updates.
+    tx = optax.masked(optax.adam(1.0), {'a': True, 'b': False})
+    g = {'a': np.ones(2, np.float32), 'b': np.ones(2, np.float32)}
+    u, _ = tx.update(g, tx.init(g))
+    self.assertTrue(np.all(np.asarray(u['b']) != 0))
+
+  def test_schedule(self):
+    s = optim.make_schedule(tcfg(num_steps=100, lr=1.0, warmup_frac=0.1,
+                                 schedule='linear'))
+    self.assertAlmostEqual(float(s(0)), 0.0)
+    self.assertAlmostEqual(float(s(5)), 0.5, places=5)
+    self.assertAlmostEqual(float(s(10)), 1.0, places=5)
+    self.assertAlmostEqual(float(s(55)), 0.5, places=5)
+    c = optim.make_schedule(tcfg(num_steps=100, lr=1.0, warmup_frac=0.1))
+    self.assertAlmostEqual(float(c(55)), 0.5, places=5)
+    self.assertAlmostEqual(float(c(100)), 0.0, places=5)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, 'scope'):
+      optim.make_optimizer(tcfg(scope='rows'), self.params, channel_mask())
+    with self.assertRaisesRegex(ValueError, 'selects no entries'):
+      optim.make_optimizer(tcfg(), self.params, {'norm': {'scale': False}})
+    with self.assertRaisesRegex(ValueError, 'needs a channel mask'):
+      optim.make_optimizer(tcfg(), self.params, None)
+    with self.assertRaisesRegex(ValueError, 'lean'):
+      optim.make_optimizer(tcfg(scope='modules', lean=True), self.params,
+                           channel_mask())
+    with self.assertRaisesRegex(ValueError, 'not params'):
+      optim.normalize_mask({'nope': True}, self.params)
+    with self.assertRaisesRegex(ValueError, 'does not broadcast'):
+      optim.normalize_mask({'norm': {'scale': np.ones(3, bool)}}, self.params)
+
+
+if __name__ == '__main__':
+  absltest.main()
