@@ -1,0 +1,321 @@
+"""Probe and SFT data: records -> tokens -> fixed-shape batches with masks.
+
+Pipeline (each step a plain function, usable alone):
+  load_records(path)              list of dicts, from jsonl/json/parquet/txt,
+                                  a `save_to_disk` directory, or a Hub name
+  check_fields(records, ...)      clear error before any tokenization
+  tokenize_records(records, tok)  Example(ids, response mask) per record,
+                                  with overflow handling (truncate | error)
+  make_batches(examples, ...)     fixed `[B, T]` numpy batches (pad or pack)
+  local_batches(batches, i, n)    process i's contiguous slice, padded with
+                                  empty batches so every process steps alike
+  mix_sources([(recs, w)], seed)  weighted mixture of several record lists
+A batch is a dict of int32 `[B, T]` arrays: `tokens_bt`, `attention_mask_bt`
+(1 = real token), `token_mask_bt` (1 = token counts: every real token, or
+only response tokens with `loss_on='response'`; the same mask is the SFT
+loss mask) and `positions_bt` (RoPE positions, reset per packed document).
+Rows are right-padded; a final partial batch is filled with empty rows
+(all-zero masks), so a jitted step compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, NamedTuple, Sequence
+
+from absl import logging
+import numpy as np
+
+from act_jax import templates
+
+BATCH_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt',
+              'positions_bt')
+_EXT_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
+                 '.txt': 'text', '.csv': 'csv'}
+
+
+class DataError(ValueError):
+  """Bad data input; the message names the file, field or option."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """How to turn a data source into batches (ml_collections-friendly)."""
+
+  path: str = ''  # file, saved dataset dir, or Hub name
+  split: str = 'train'  # dataset split (Hub names and saved DatasetDicts)
+  template: str = 'text'  # text | qa | chat (see templates.py)
+  text_field: str = 'text'  # field read by template 'text'
+  prompt_field: str = 'question'  # prompt field for 'qa' and 'chat'
+  response_field: str = 'answer'  # response field for 'qa' and 'chat'
+  qa_format: str = templates.DEFAULT_QA_FORMAT  # 'qa' join format
+  max_seq_len: int = 128  # T, tokens per row
+  batch_size: int = 8  # B, rows per (per-process) batch
+  pack: bool = False  # pack several texts per row (attention crosses them)
+  loss_on: str = 'all'  # which tokens count: all | response
+  overflow: str = 'truncate'  # texts longer than T: truncate | error
+  add_special_tokens: bool = True  # tokenizer's BOS etc. ('text' and 'qa')
+  add_eos: bool = False  # append the EOS token (SFT)
+  shuffle_seed: int | None = None  # None keeps file order
+  limit: int = 0  # use only the first `limit` records (0 = all)
+
+
+class Example(NamedTuple):
+  """One tokenized record: ids `[n]` and response mask `[n]` (int32)."""
+  ids: np.ndarray
+  response: np.ndarray
+
+
+class Tokenized(NamedTuple):
+  examples: list[Example]
+  num_truncated: int  # texts cut to max_seq_len
+  num_tokens: int  # tokens kept (before padding)
+
+
+def load_records(path: str, split: str = 'train',
+                 limit: int = 0) -> list[dict[str, Any]]:
+  """Reads records with `datasets` (no network unless `path` is a Hub name).
+
+  Raises:
+    DataError naming `path` when it cannot be read or has no records.
+  """
+  import datasets  # pylint: disable=g-import-not-at-top  (slow import)
+  try:
+    if os.path.isdir(path):
+      ds = datasets.load_from_disk(path)
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise DataError(f'{path}: no split {split!r}; splits: '
+                          f'{sorted(ds)}')
+        ds = ds[split]
+    elif os.path.isfile(path):
+      ext = os.path.splitext(path)[1].lower()
+      if ext not in _EXT_BUILDERS:
+        raise DataError(f'{path}: unknown data file type {ext!r}; expected '
+                        f'one of {sorted(_EXT_BUILDERS)}')
+      if os.path.getsize(path) == 0:
+        raise DataError(f'{path}: the data file is empty (no records)')
+      ds = datasets.load_dataset(_EXT_BUILDERS[ext], data_files=path,
+                                 split='train')
+    elif (path.startswith(('/', '.', '~')) or
+          os.path.splitext(path)[1].lower() in _EXT_BUILDERS):
+      raise DataError(f'{path}: no such file or directory')
+    else:
+      ds = datasets.load_dataset(path, split=split)
+  except DataError:
+    raise
+  except Exception as e:  # datasets raises many types; name the file
+    raise DataError(f'{path}: cannot read records ({type(e).__name__}: '
+                    f'{e})') from e
+  if limit:
+    ds = ds.select(range(min(limit, len(ds))))
+  records = ds.to_list()
+  if not records:
+    raise DataError(f'{path}: the data set is empty (no records)')
+  return records
+
+
+def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
+                 source: str = '') -> None:
+  """Raises DataError naming the missing field, the source and those present.
+
+  Also checks the template, qa_format, loss_on and overflow options.
+  """
+  source = source or cfg.path or '<records>'
+  if not records:
+    raise DataError(f'{source}: the data set is empty (no records)')
+  if cfg.loss_on not in ('all', 'response'):
+    raise DataError(f"loss_on={cfg.loss_on!r}: expected 'all' or 'response'")
+  if cfg.overflow not in ('truncate', 'error'):
+    raise DataError(f"overflow={cfg.overflow!r}: expected 'truncate' or "
+                    "'error'")
+  try:
+    fields = templates.required_fields(cfg.template, cfg.text_field,
+                                       cfg.prompt_field, cfg.response_field)
+    if cfg.template == 'qa':
+      templates.check_qa_format(cfg.qa_format)
+  except templates.TemplateError as e:
+    raise DataError(f'{source}: {e}') from e
+  for i, rec in enumerate(records):
+    for f in fields:
+      if f not in rec or rec[f] is None:
+        raise DataError(
+            f'{source}: record {i} has no field {f!r} (needed by template '
+            f'{cfg.template!r}); available fields: {sorted(rec)}')
+
+
+def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
+                     cfg: DataConfig, source: str = '') -> Tokenized:
+  """Renders and tokenizes every record; handles overflow per `cfg.overflow`.
+
+  Response tokens are found with the tokenizer's offset mapping: a token
+  counts as response when it ends after the response's first character.
+  """
+  source = source or cfg.path or '<records>'
+  check_fields(records, cfg, source)
+  order = np.arange(len(records))
+  if cfg.shuffle_seed is not None:
+    order = np.random.default_rng(cfg.shuffle_seed).permutation(len(records))
+  examples, truncated, kept = [], 0, 0
+  specials = cfg.add_special_tokens and cfg.template != 'chat'
+  for i in order:
+    try:
+      text, start = templates.render(
+          records[i], cfg.template, text_field=cfg.text_field,
+          prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+          qa_format=cfg.qa_format, tokenizer=tokenizer)
+    except templates.TemplateError as e:
+      raise DataError(f'{source}: record {i}: {e}') from e
+    enc = tokenizer(text, add_special_tokens=specials,
+                    return_offsets_mapping=True)
+    ids = list(enc['input_ids'])
+    resp = [int(e > start and e > s) for s, e in enc['offset_mapping']]
+    if cfg.add_eos and tokenizer.eos_token_id is not None:
+      ids.append(tokenizer.eos_token_id)
+      resp.append(1)
+    if len(ids) > cfg.max_seq_len:
+      if cfg.overflow == 'error':
+        raise DataError(
+            f'{source}: record {i} has {len(ids)} tokens > max_seq_len='
+            f'{cfg.max_seq_len} (use overflow=truncate or a longer '
+            'max_seq_len)')
+      truncated += 1
+      ids, resp = ids[:cfg.max_seq_len], resp[:cfg.max_seq_len]
+    kept += len(ids)
+    examples.append(Example(np.asarray(ids, np.int32),
+                            np.asarray(resp, np.int32)))
+  if truncated:
+    logging.warning('%s: truncated %d of %d texts to max_seq_len=%d', source,
+                    truncated, len(records), cfg.max_seq_len)
+  return Tokenized(examples, truncated, kept)
+
+
+def empty_batch(batch_size: int, max_seq_len: int) -> dict[str, np.ndarray]:
+  """A batch of empty rows (all masks zero): counts nothing."""
+  return {k: np.zeros((batch_size, max_seq_len), np.int32) for k in BATCH_KEYS}
+
+
+def _rows(examples: Sequence[Example], max_seq_len: int,
+          pack: bool) -> list[list[Example]]:
+  if not pack:
+    return [[ex] for ex in examples]
+  rows, cur, used = [], [], 0
+  for ex in examples:
+    if cur and used + len(ex.ids) > max_seq_len:
+      rows.append(cur)
+      cur, used = [], 0
+    cur.append(ex)
+    used += len(ex.ids)
+  if cur:
+    rows.append(cur)
+  return rows
+
+
+def make_batches(examples: Sequence[Example], batch_size: int,
+                 max_seq_len: int, *, pack: bool = False,
+                 loss_on: str = 'all') -> list[dict[str, np.ndarray]]:
+  """Fixed-shape `[B, T]` batches, right-padded; last batch filled with
+  empty rows. Examples must already fit `max_seq_len` (tokenize_records)."""
+  if loss_on not in ('all', 'response'):
+    raise DataError(f"loss_on={loss_on!r}: expected 'all' or 'response'")
+  rows = _rows(examples, max_seq_len, pack)
+  batches = []
+  for b0 in range(0, len(rows), batch_size):
+    batch = empty_batch(batch_size, max_seq_len)
+    for r, row in enumerate(rows[b0:b0 + batch_size]):
+      t = 0
+      for ex in row:
+        n = len(ex.ids)
+        if t + n > max_seq_len:
+          raise DataError(f'an example of {n} tokens does not fit '
+                          f'max_seq_len={max_seq_len}')
+        batch['tokens_bt'][r, t:t + n] = ex.ids
+        batch['attention_mask_bt'][r, t:t + n] = 1
+        batch['token_mask_bt'][r, t:t + n] = (
+            ex.response if loss_on == 'response' else 1)
+        batch['positions_bt'][r, t:t + n] = np.arange(n)
+        t += n
+    batches.append(batch)
+  return batches
+
+
+def local_batches(batches: Sequence[dict[str, np.ndarray]],
+                  process_index: int = 0,
+                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Process `process_index`'s contiguous slice of `batches`.
+
+  Every process gets `ceil(n / process_count)` batches (the short slices end
+  with empty batches), so all processes run the same number of steps and
+  the union of the slices is exactly `batches`.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} outside '
+                     f'[0, {process_count})')
+  n = len(batches)
+  per = -(-n // process_count)
+  mine = list(batches[process_index * per:(process_index + 1) * per])
+  if batches and len(mine) < per:
+    b, t = batches[0]['tokens_bt'].shape
+    mine += [empty_batch(b, t) for _ in range(per - len(mine))]
+  return mine
+
+
+def mix_sources(sources: Sequence[tuple[Sequence[dict[str, Any]], float]],
+                seed: int = 0, total: int | None = None
+               ) -> list[dict[str, Any]]:
+  """A weighted, shuffled mixture of several record lists.
+
+  Source i contributes `round(total * w_i / sum(w))` records (sampled
+  without replacement while it has enough, then cycled); `total` defaults
+  to the sum of the sources' sizes. Same seed, same mixture.
+  """
+  if not sources:
+    raise DataError('mix_sources needs at least one (records, weight)')
+  weights = np.asarray([w for _, w in sources], np.float64)
+  if (weights < 0).any() or weights.sum() <= 0:
+    raise DataError(f'mix_sources weights must be >= 0 with a positive sum, '
+                    f'got {weights.tolist()}')
+  for i, (recs, w) in enumerate(sources):
+    if w > 0 and not recs:
+      raise DataError(f'mix_sources: source {i} has weight {w} but no records')
+  total = sum(len(r) for r, _ in sources) if total is None else total
+  rng = np.random.default_rng(seed)
+  counts = np.floor(total * weights / weights.sum()).astype(int)
+  counts[np.argmax(weights)] += total - counts.sum()
+  mixed = []
+  for (recs, _), k in zip(sources, counts):
+    if k <= 0:
+      continue
+    reps = -(-k // len(recs))
+    idx = np.concatenate([rng.permutation(len(recs)) for _ in range(reps)])
+    mixed.extend(recs[j] for j in idx[:k])
+  return [mixed[j] for j in rng.permutation(len(mixed))]
+
+
+def load_batches(cfg: DataConfig, tokenizer: Any,
+                 records: Iterable[dict[str, Any]] | None = None
+                ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+  """load_records + tokenize_records + make_batches for one DataConfig.
+
+  Returns:
+    (batches, info) with info = {path, template, fields, num_texts,
+    num_tokens, num_truncated, max_seq_len, batch_size, pack, loss_on}.
+  """
+  if records is None:
+    records = load_records(cfg.path, cfg.split, cfg.limit)
+  records = list(records)
+  tok = tokenize_records(records, tokenizer, cfg)
+  batches = make_batches(tok.examples, cfg.batch_size, cfg.max_seq_len,
+                         pack=cfg.pack, loss_on=cfg.loss_on)
+  info = {
+      'path': cfg.path, 'template': cfg.template,
+      'fields': list(templates.required_fields(
+          cfg.template, cfg.text_field, cfg.prompt_field, cfg.response_field)),
+      'qa_format': cfg.qa_format if cfg.template == 'qa' else None,
+      'num_texts': len(records), 'num_tokens': tok.num_tokens,
+      'num_truncated': tok.num_truncated, 'max_seq_len': cfg.max_seq_len,
+      'batch_size': cfg.batch_size, 'pack': cfg.pack, 'loss_on': cfg.loss_on,
+      'overflow': cfg.overflow, 'shuffle_seed': cfg.shuffle_seed,
+  }
+  return batches, info
