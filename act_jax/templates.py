@@ -3,8 +3,9 @@
 Three templates, shared by probe sets (statistics) and SFT data (training):
   'text'  one field of plain text; the whole text is the "response".
   'qa'    a question field and an answer field joined by `qa_format`, whose
-          `{response}` placeholder marks where the answer (the response)
-          starts, e.g. 'Question: {prompt}\nAnswer: {response}'.
+          `{response}` placeholder marks where the response starts (the
+          answer plus the format's tail, if any: the tokens a model
+          should produce), e.g. 'Question: {prompt}\nAnswer: {response}'.
   'chat'  the tokenizer's chat template with user=prompt, assistant=response;
           the response starts where the user-only rendering (with the
           generation prompt) ends.
