@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import optax
 
-from act_jax import forward, optim, train
+from act_jax import forward, optim, sharding, train
 from act_jax.model_config import ModelConfig
 
 CFG = ModelConfig(model_type='llama', vocab_size=48, hidden_size=32,
@@ -54,7 +54,10 @@ class OptimTest(absltest.TestCase):
 
   def _run(self, **kw):
     p = jax.tree.map(np.copy, self.params)
-    out = train.finetune(tcfg(**kw), p, CFG, self.batches,
+    # One device: these tests are about update math, not sharding (which
+    # train_test covers), and a 1-device step compiles much faster.
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    out = train.finetune(tcfg(**kw), p, CFG, self.batches, mesh=mesh,
                          mask=channel_mask() if kw.get('scope') != 'full'
                          else None)
     return jax.device_get(out)
