@@ -38,8 +38,9 @@ def load_config(path: str) -> ModelConfig:
   if os.path.isfile(os.path.join(path, 'config.json')):
     return hf_convert.load_hf_config(path)
   ckpt = _checkpoint_module()
-  if ckpt is not None and hasattr(ckpt, 'load_config'):
-    return ckpt.load_config(path)
+  if ckpt is not None and os.path.isfile(os.path.join(path,
+                                                       'model_config.json')):
+    return ckpt.load_model_config(path)
   if not os.path.isdir(path):
     raise InputError(f'{path}: no such model directory')
   return load_model(path)[0]
@@ -115,8 +116,7 @@ def load_tokenizer(path: str):
 
 def _has_tokenizer(path: str) -> bool:
   return any(os.path.isfile(os.path.join(path, f)) for f in (
-      'tokenizer.json', 'tokenizer_config.json', 'tokenizer.model')) or (
-          os.path.isdir(os.path.join(path, 'tokenizer')))
+      'tokenizer.json', 'tokenizer.model', 'vocab.json'))
 
 
 def _tok_signature(tok) -> tuple[dict[str, int], dict[str, Any]]:
