@@ -1,0 +1,136 @@
+"""Tests for evaluate.py against transformers' PyTorch model as the oracle."""
+
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+import torch
+
+from act_jax import evaluate, hf_convert, sharding
+from tests import testutil
+
+
+def torch_seq_logprob(model, prompt, choice):
+  ids = torch.tensor([prompt + choice])
+  with torch.no_grad():
+    logits = model(input_ids=ids).logits[0].double()
+  lp = torch.log_softmax(logits, -1)
+  return sum(float(lp[len(prompt) + j - 1, t]) for j, t in enumerate(choice))
+
+
+class EvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.torch_model = testutil.make_tiny_hf(cls.tmp, 'llama', seed=5)
+    cls.cfg, cls.params = hf_convert.load_hf_params(cls.tmp)
+    cls.mesh = sharding.make_mesh((4, 2, 1))
+
+  def test_perplexity_equals_torch(self):
+    tokens = testutil.random_tokens(6, 16, self.cfg.vocab_size, seed=1)
+    attn = np.ones_like(tokens)
+    attn[2, 11:] = 0  # right padding
+    attn[4, 5:] = 0
+    loss_mask = attn.copy()
+    loss_mask[:, :4] = 0  # prompt tokens do not count
+    labels = np.where(loss_mask == 1, tokens, -100)
+    with torch.no_grad():
+      loss = self.torch_model(
+          input_ids=torch.tensor(tokens), attention_mask=torch.tensor(attn),
+          labels=torch.tensor(labels)).loss
+    # Two batches of 3 rows (batch axes of 8 devices: padded with empty rows)
+    batches = [{'tokens_bt': tokens[i:i + 3], 'attention_mask_bt':
+                attn[i:i + 3], 'loss_mask_bt': loss_mask[i:i + 3]}
+               for i in (0, 3)]
+    r = evaluate.perplexity(self.params, self.cfg, batches, mesh=self.mesh)
+    self.assertEqual(r['tokens'], float((labels[:, 1:] != -100).sum()))
+    np.testing.assert_allclose(r['ppl'], float(torch.exp(loss)), rtol=1e-4)
+    with self.assertRaisesRegex(ValueError, 'no target tokens'):
+      evaluate.perplexity(self.params, self.cfg, [dict(
+          batches[0], loss_mask_bt=np.zeros_like(tokens[:3]))])
+
+  def test_mc_accuracy_constructed(self):
+    rng = np.random.RandomState(0)
+    v = self.cfg.vocab_size
+    items, want = [], 0
+    for i in range(6):
+      prompt = list(rng.randint(4, v, 5 + i % 3))
+      choices = [list(rng.randint(4, v, n)) for n in (1, 3, 2)]
+      lp = np.array([torch_seq_logprob(self.torch_model, prompt, c)
+                     for c in choices])
+      best = int(np.argmax(lp))
+      answer = best if i % 3 else (best + 1) % 3  # 4 right, 2 wrong
+      want += answer == best
+      items.append({'prompt': prompt, 'choices': choices, 'answer': answer,
+                    'lp': lp})
+    r = evaluate.mc_accuracy(self.params, self.cfg, items, batch_size=8,
+                             mesh=self.mesh)
+    self.assertAlmostEqual(r['acc'], want / 6)
+    scores = evaluate.choice_scores(self.params, self.cfg, items,
+                                    mesh=self.mesh)
+    for it, (s, n) in zip(items, scores):
+      np.testing.assert_allclose(s, it['lp'], rtol=1e-4, atol=1e-4)
+      np.testing.assert_array_equal(n, [1, 3, 2])
+    # Length normalization ranks by mean log-prob instead.
+    mean_right = sum(int(np.argmax(it['lp'] / [1, 3, 2]) == it['answer'])
+                     for it in items)
+    r = evaluate.mc_accuracy(self.params, self.cfg, items, norm='mean',
+                             mesh=self.mesh)
+    self.assertAlmostEqual(r['acc'], mean_right / 6)
+    with self.assertRaisesRegex(ValueError, 'answer 5'):
+      evaluate.mc_accuracy(self.params, self.cfg, [dict(items[0], answer=5)])
+
+  def test_extraction(self):
+    self.assertEqual(evaluate.extract_answer('so 3 + 4 = 7, total 1,200.',
+                                             'last_number'), '1,200')
+    self.assertEqual(evaluate.normalize_answer('1,200'), '1200')
+    self.assertEqual(evaluate.normalize_answer(' 12.50 '), '12.5')
+    self.assertEqual(evaluate.extract_answer('work\n#### 42\nmore', 'hash'),
+                     '42')
+    self.assertEqual(evaluate.extract_answer('Answer: (B) yes',
+                                             r'\(([A-D])\)'), 'B')
+    self.assertIsNone(evaluate.extract_answer('no digits', 'last_number'))
+    self.assertEqual(evaluate._gold('steps #### 1,000', 'last_number'), '1000')
+
+  def test_evaluate_models_and_table(self):
+    tok = testutil.make_tokenizer()
+    src = self.params
+    _, other = hf_convert.load_hf_params(
+        self._other_model())
+    gen0 = evaluate.exact_match(src, self.cfg, tok, [
+        {'prompt': 'ab', 'answer': 'x'}], extract='raw', max_new_tokens=4,
+                                mesh=self.mesh)['outputs'][0]
+    tokens = testutil.random_tokens(8, 12, self.cfg.vocab_size, seed=2)
+    ones = np.ones_like(tokens)
+    sets = {
+        'skill': evaluate.EvalSet(
+            ppl=[{'tokens_bt': tokens, 'attention_mask_bt': ones,
+                  'token_mask_bt': ones}],
+            mc=[{'prompt': 'abc', 'choices': ['d', 'ef'], 'answer': 0}],
+            gen=[{'prompt': 'ab', 'answer': gen0},
+                 {'prompt': 'ab', 'answer': gen0 + 'zz'}],
+            extract='raw', max_new_tokens=4),
+    }
+    res = evaluate.evaluate_models({'source': src, 'target': other}, self.cfg,
+                                   sets, tokenizer=tok, mesh=self.mesh)
+    self.assertEqual(set(res), {'source', 'target'})
+    self.assertEqual(set(res['source']['skill']),
+                     {'ppl', 'nll', 'mc_acc', 'em'})
+    self.assertAlmostEqual(res['source']['skill']['em'], 0.5)
+    self.assertNotAlmostEqual(res['source']['skill']['ppl'],
+                              res['target']['skill']['ppl'])
+    table = evaluate.format_table(res)
+    self.assertIn('| source |', table)
+    self.assertIn('skill ppl', table)
+    self.assertLen(table.splitlines(), 4)
+
+  def _other_model(self):
+    d = tempfile.mkdtemp()
+    testutil.make_tiny_hf(d, 'llama', seed=6, tokenizer=False)
+    return d
+
+
+if __name__ == '__main__':
+  absltest.main()
