@@ -105,36 +105,47 @@ def _combine(b32, d_k, lam, consensus: bool, dtype):
   return (b32 + lam * mixed).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('lam', 'density', 'consensus',
-                                             'drop'))
+@functools.partial(jax.jit, static_argnames=('layered', 'lam', 'density',
+                                             'consensus', 'drop'))
+def _gta_leaf(b, ss, key, j, *, layered, lam, density, consensus, drop):
+  """One leaf of the generalized task arithmetic (TA / TIES / DARE)."""
+  keep = None
+  if drop > 0:
+    keep = [_keep(key, i, j, b.shape, drop) for i in range(len(ss))]
+  b32, d_k = _merge_leaf(b, ss, keep, lam=lam, density=density,
+                         consensus=consensus, rescale=1.0 / (1.0 - drop))
+  if density < 1.0:
+    d_k = jnp.stack([_trim_magnitude(d, density, layered) for d in d_k])
+  return _combine(b32, d_k, lam, consensus, b.dtype)
+
+
 def _gta(base, sources, seed, *, lam, density, consensus, drop):
+  """Leaf by leaf (one small compiled function per leaf shape and kind)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
   src_leaves = [jax.tree_util.tree_leaves(s) for s in sources]
   key = jax.random.key(seed)
   out = []
   for j, (path, b) in enumerate(leaves):
-    ss = [s[j] for s in src_leaves]
-    keep = None
-    if drop > 0:
-      keep = [dare_keep_mask(key, i, j, b.shape, drop)
-              for i in range(len(ss))]
-    b32, d_k = _merge_leaf(b, ss, keep, lam=lam, density=density,
-                           consensus=consensus, rescale=1.0 / (1.0 - drop))
-    if density < 1.0:
-      layered = _layered(path)
-      d_k = jnp.stack([_trim_magnitude(d, density, layered) for d in d_k])
-    out.append(_combine(b32, d_k, lam, consensus, b.dtype))
+    out.append(_gta_leaf(b, tuple(s[j] for s in src_leaves), key, j,
+                         layered=_layered(path),
+                         lam=lam, density=density, consensus=consensus,
+                         drop=drop))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _keep(key, source_index, leaf_index, shape, drop):
+  k = jax.random.fold_in(jax.random.fold_in(key, source_index), leaf_index)
+  return jax.random.bernoulli(k, 1.0 - drop, shape)
+
+
+@functools.partial(jax.jit, static_argnames=('shape', 'drop'))
 def dare_keep_mask(key, source_index: int, leaf_index: int, shape,
                    drop: float):
   """The DARE keep mask of one (source, leaf): Bernoulli(1 - drop), seeded.
 
   Public so tests and references can reproduce the exact draw.
   """
-  k = jax.random.fold_in(jax.random.fold_in(key, source_index), leaf_index)
-  return jax.random.bernoulli(k, 1.0 - drop, shape)
+  return _keep(key, source_index, leaf_index, shape, drop)
 
 
 def task_arithmetic(base, sources: Sequence[Any], lam: float = 1.0):
