@@ -17,6 +17,7 @@ Export back to HF lives in hf_export.py (`save_hf`, re-exported here).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import time
@@ -259,36 +260,37 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
   by_path = collections.defaultdict(list)
   for e in hf_names.hf_entries(cfg):
     by_path[e.path].append(e)
-  handles = {}
   params: dict[str, Any] = {}
   start, done_bytes = time.time(), 0
   total_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  try:
-    for path in files:
-      handles[path] = safe_open(path, framework='numpy')
-    for n, (path, entries) in enumerate(by_path.items(), start=1):
-      leaf = _leaf(abstract, path)
-      host = np.empty(leaf.shape, leaf.dtype)
+  for n, (path, entries) in enumerate(by_path.items(), start=1):
+    leaf = _leaf(abstract, path)
+    host = np.empty(leaf.shape, leaf.dtype)
+    # Files are opened (memory-mapped) per leaf and closed right after, so
+    # the mapped pages of already-placed leaves leave our resident set.
+    with contextlib.ExitStack() as stack:
+      handles = {}
       for e in entries:
-        t = handles[headers[e.hf_key][0]].get_tensor(e.hf_key)
+        file = headers[e.hf_key][0]
+        if file not in handles:
+          handles[file] = stack.enter_context(safe_open(file, 'numpy'))
+        t = handles[file].get_tensor(e.hf_key)
         t = t.T if e.transpose else t
         if e.layer is None:
           host[...] = t
         else:
           host[e.layer] = t
         del t
-      target = _leaf(targets, path) if targets is not None else None
-      _set_leaf(params, path, _place(host, target))
-      done_bytes += host.nbytes
-      del host
-      elapsed = time.time() - start
-      logging.log_every_n_seconds(
-          logging.INFO, 'converted %d/%d leaves, %.0f MB, %.1f MB/s', 5, n,
-          len(by_path), done_bytes / 2**20,
-          done_bytes / 2**20 / max(elapsed, 1e-6))
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
+    target = _leaf(targets, path) if targets is not None else None
+    _set_leaf(params, path, _place(host, target))
+    done_bytes += host.nbytes
+    del host
+    elapsed = max(time.time() - start, 1e-6)
+    logging.log_every_n_seconds(
+        logging.INFO, 'converted %d/%d leaves, %.0f/%.0f MB, %.1f MB/s, '
+        'ETA %.0f s', 5, n, len(by_path), done_bytes / 2**20,
+        total_bytes / 2**20, done_bytes / 2**20 / elapsed,
+        (total_bytes - done_bytes) * elapsed / max(done_bytes, 1))
   logging.info('loaded %s from %s: %d params (%s) in %.1f s', cfg.model_type,
                hf_dir, total_bytes // np.dtype(cfg.param_dtype).itemsize,
                cfg.param_dtype, time.time() - start)
