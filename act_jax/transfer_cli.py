@@ -1,0 +1,173 @@
+"""CLI of `python -m act_jax.transfer`: transplant or merge checkpoints.
+
+  python -m act_jax.transfer --target=DIR --source=DIR[,DIR...] \
+      --masks=DIR[,DIR...] --out=DIR [--hf_out=DIR --policy=average \
+      --alpha=1.0 --include=REGEX,... --unit=channel]
+One source: transplant its masked channels into the target. Several
+sources (one mask dir each): merge into the target, conflicts resolved by
+--policy and written to `<out>/merge_report.json` (inside the params dir's
+meta). Models load with `checkpoint.load_model` (converted params dir or HF
+dir); the result is saved with `checkpoint.save_params_dir` and, with
+--hf_out, as an HF checkpoint.
+
+Checks before loading weights: every mask dir's model_config matches the
+target's architecture, its sites are known, and (unless
+--allow_other_models) the stats' source/target paths recorded in the mask
+are the checkpoints given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from act_jax import masks as masks_lib
+from act_jax import transfer
+from act_jax.model_config import ModelConfig
+
+# Fields that do not change the param tree or the math of a checkpoint.
+_IGNORED_CFG_FIELDS = ('dtype', 'param_dtype', 'max_position_embeddings')
+
+
+def _define_flags():
+  f = flags
+  f.DEFINE_string('target', None, 'Model receiving the channels (or the base '
+                  'of a merge): params dir or HF dir.')
+  f.DEFINE_list('source', None, 'Source model dir(s), one per mask dir.')
+  f.DEFINE_list('masks', None, 'Mask dir(s) from act_jax.localize; one, or '
+                'one per source.')
+  f.DEFINE_string('out', None, 'Output params dir.')
+  f.DEFINE_string('hf_out', None, 'Optional HF checkpoint output dir.')
+  f.DEFINE_enum('policy', 'average', transfer.POLICIES,
+                'Conflict policy when several sources claim a channel.')
+  f.DEFINE_float('alpha', 1.0, 'theta_tgt + alpha * M * (theta_src - '
+                 'theta_tgt); 1 copies.')
+  f.DEFINE_list('include', [], 'Regexes of whole leaves to transfer too '
+                '(e.g. "norm.scale", "embed_tokens.*"); default none.')
+  f.DEFINE_enum('unit', 'channel', masks_lib.UNITS,
+                'Grow masks to whole neurons / heads before transfer.')
+  f.DEFINE_list('priority', None, 'Source indices, most important first '
+                '(--policy=priority).')
+  f.DEFINE_bool('allow_other_models', False, 'Skip the check that the masks '
+                'were localized on these very checkpoints.')
+  f.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
+
+
+def _arch(d: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in d.items() if k not in _IGNORED_CFG_FIELDS}
+
+
+def check_mask_meta(meta: dict[str, Any], mask_dir: str, cfg: ModelConfig,
+                    source: str, target: str, check_paths: bool) -> None:
+  """Raises TransferError when a mask does not belong to these checkpoints."""
+  mc = meta.get('model_config')
+  if mc is None:
+    raise transfer.TransferError(f'{mask_dir}/meta.json has no model_config')
+  want, got = _arch(cfg.to_dict()), _arch(mc)
+  diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  if diff:
+    raise transfer.TransferError(
+        f'{mask_dir}: masks are for a different architecture than {target}: '
+        + ', '.join(f'{k}={got.get(k)!r} vs {want.get(k)!r}' for k in diff))
+  if not check_paths:
+    return
+  for role, given in (('source', source), ('target', target)):
+    rec = meta.get(f'{role}_path')
+    if rec and os.path.realpath(rec) != os.path.realpath(given):
+      raise transfer.TransferError(
+          f'{mask_dir}: masks were localized with {role} {rec}, but '
+          f'--{role}={given} (pass --allow_other_models to override)')
+
+
+def run_cli(fl) -> str:
+  """Runs the CLI with parsed flags `fl`; returns the output params dir."""
+  from act_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  for name in ('target', 'source', 'masks', 'out'):
+    if not getattr(fl, name):
+      raise transfer.TransferError(f'--{name} is required')
+  sources, mask_dirs = list(fl.source), list(fl.masks)
+  if len(mask_dirs) == 1 and len(sources) > 1:
+    mask_dirs *= len(sources)
+  if len(mask_dirs) != len(sources):
+    raise transfer.TransferError(f'--masks has {len(mask_dirs)} dirs for '
+                                 f'{len(sources)} --source dirs')
+  for out in (fl.out, fl.hf_out):
+    if out and os.path.exists(out) and not fl.overwrite:
+      raise transfer.TransferError(f'{out} exists (pass --overwrite)')
+  loaded = [masks_lib.load_masks(d) for d in mask_dirs]
+  # Architecture and provenance checks before any weights are read.
+  if os.path.isfile(os.path.join(fl.target, checkpoint.MODEL_CONFIG)):
+    cfg = checkpoint.load_model_config(fl.target)
+  else:
+    from act_jax import hf_convert  # pylint: disable=g-import-not-at-top
+    cfg = hf_convert.load_hf_config(fl.target)
+  for (_, meta), d, s in zip(loaded, mask_dirs, sources):
+    check_mask_meta(meta, d, cfg, s, fl.target, not fl.allow_other_models)
+  chan_masks = [masks_lib.couple(m, cfg, fl.unit) for m, _ in loaded]
+  cfg, target = checkpoint.load_model(fl.target)
+  src_params = []
+  for s in sources:
+    scfg, p = checkpoint.load_model(s)
+    if _arch(scfg.to_dict()) != _arch(cfg.to_dict()):
+      raise transfer.TransferError(f'--source={s} has a different '
+                                   f'architecture than --target={fl.target}')
+    transfer.check_compatible(target, p, f'--source={s}')
+    src_params.append(p)
+  meta_out: dict[str, Any] = {'target': os.path.abspath(fl.target),
+                              'sources': [os.path.abspath(s) for s in sources],
+                              'masks': [os.path.abspath(d) for d in mask_dirs],
+                              'alpha': fl.alpha, 'unit': fl.unit,
+                              'include': list(fl.include)}
+  if len(sources) == 1:
+    params = transfer.transplant_channels(target, src_params[0],
+                                          chan_masks[0], fl.alpha,
+                                          include=fl.include)
+    meta_out['channels'] = masks_lib.count(chan_masks[0])
+  else:
+    scores = None
+    if fl.policy == 'max_score':
+      from act_jax import localize  # pylint: disable=g-import-not-at-top
+      scores = [localize.load_scores(d) for d in mask_dirs]
+    priority = [int(x) for x in fl.priority] if fl.priority else None
+    params, report = transfer.merge(
+        target, src_params, chan_masks, scores, fl.policy, fl.alpha,
+        names=[os.path.basename(os.path.normpath(s)) for s in sources],
+        priority=priority, include=fl.include)
+    meta_out['merge_report'] = report
+    logging.info('merged %d sources: %d conflicting channels (%s)',
+                 len(sources), report['num_conflicts'], fl.policy)
+  tok = fl.target if _has_tokenizer(fl.target) else None
+  checkpoint.save_params_dir(fl.out, params, cfg, tokenizer_dir=tok,
+                             meta=meta_out, overwrite=fl.overwrite)
+  if fl.hf_out:
+    from act_jax import hf_export  # pylint: disable=g-import-not-at-top
+    hf_cfg = None
+    if os.path.isfile(os.path.join(fl.target, 'config.json')):
+      from act_jax import hf_convert  # pylint: disable=g-import-not-at-top
+      hf_cfg = hf_convert.read_hf_config_dict(fl.target)
+    else:
+      hf_cfg = checkpoint.load_hf_config_dict(fl.target)
+    hf_export.save_hf(params, cfg, fl.hf_out, hf_config=hf_cfg,
+                      tokenizer_dir=tok, overwrite=fl.overwrite)
+  return fl.out
+
+
+def _has_tokenizer(path: str) -> bool:
+  return any(os.path.isfile(os.path.join(path, n)) for n in
+             ('tokenizer.json', 'tokenizer.model', 'vocab.json'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise transfer.TransferError(f'unexpected arguments {argv[1:]}')
+  run_cli(flags.FLAGS)
+
+
+def run():
+  """Entry point of `python -m act_jax.transfer`."""
+  _define_flags()
+  app.run(main)
