@@ -49,7 +49,8 @@ def _is_primary() -> bool:
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 

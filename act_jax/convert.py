@@ -1,6 +1,7 @@
 """Command line: HF checkpoint dir <-> act-jax params dir.
 
-  python -m act_jax.convert --hf_dir=IN --params_dir=OUT [--param_dtype=bfloat16]
+  python -m act_jax.convert --hf_dir=IN --params_dir=OUT \
+      [--param_dtype=bfloat16]
   python -m act_jax.convert --to_hf --params_dir=IN --hf_dir=OUT \
       [--max_shard_bytes=1073741824]
 

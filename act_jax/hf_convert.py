@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 
 from act_jax import forward, hf_names, sharding
-from act_jax.model_config import ConfigError, ModelConfig, from_hf_config
+from act_jax.model_config import ModelConfig, from_hf_config
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -75,23 +75,25 @@ def load_hf_config(hf_dir: str, dtype: str = 'float32',
   """ModelConfig from `hf_dir/config.json`.
 
   Raises:
-    ConversionError naming the file and the field it cannot honour.
+    ConversionError when config.json is missing or not JSON; ConfigError
+    naming the file and the field it cannot honour.
   """
   hf = read_hf_config_dict(hf_dir)
-  try:
-    return from_hf_config(hf, source=os.path.join(hf_dir, 'config.json'),
-                          dtype=dtype, param_dtype=param_dtype)
-  except ConfigError as e:
-    raise ConversionError(str(e)) from None
+  return from_hf_config(hf, source=os.path.join(hf_dir, 'config.json'),
+                        dtype=dtype, param_dtype=param_dtype)
 
 
 def _inside(hf_dir: str, name: str, index: str) -> str:
-  """Path of `name` from the index, which must stay inside `hf_dir`."""
+  """Path of `name` from the index, which must stay inside `hf_dir`.
+
+  The check is lexical (no `..` escape, no absolute path): files that are
+  symlinks, as in the HF hub cache's snapshot dirs, are still accepted.
+  """
   if not isinstance(name, str) or not name or os.path.isabs(name):
     raise ConversionError(f'{index}: file {name!r} must be a relative path '
                           'inside the checkpoint directory')
-  root = os.path.realpath(hf_dir)
-  path = os.path.realpath(os.path.join(root, name))
+  root = os.path.abspath(hf_dir)
+  path = os.path.normpath(os.path.join(root, name))
   if os.path.commonpath([root, path]) != root:
     raise ConversionError(f'{index}: file {name!r} resolves outside the '
                           f'checkpoint directory {hf_dir}')
@@ -262,7 +264,8 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
     by_path[e.path].append(e)
   params: dict[str, Any] = {}
   start, done_bytes = time.time(), 0
-  total_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  total_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(abstract))
   for n, (path, entries) in enumerate(by_path.items(), start=1):
     leaf = _leaf(abstract, path)
     host = np.empty(leaf.shape, leaf.dtype)

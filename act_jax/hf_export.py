@@ -135,7 +135,8 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _write_shards(params: dict[str, Any], cfg: ModelConfig, out_dir: str,
-                  max_shard_bytes: int) -> tuple[list[str], dict[str, str], int]:
+                  max_shard_bytes: int
+                  ) -> tuple[list[str], dict[str, str], int]:
   """Writes tensors shard by shard; returns names, `{key: file}`, bytes."""
   by_path = collections.OrderedDict()
   for e in hf_names.hf_entries(cfg):

@@ -1,4 +1,4 @@
-"""Orbax params dirs: bitwise round trips, mesh restore, named mismatches, CLI."""
+"""Orbax params dirs: bitwise round trips, mesh restore, mismatches, CLI."""
 
 import json
 import os

