@@ -90,9 +90,13 @@ def _broadcast_leaf_mask(m, x, name: str) -> np.ndarray:
 def normalize_mask(mask, params: Params) -> Params:
   """A bool mask tree with the params' structure (host numpy leaves).
 
-  Missing keys in `mask` (a prefix/sub tree) count as frozen. Raises
-  ValueError naming a mask key that is not a param.
+  Missing keys in `mask` (a prefix/sub tree) count as frozen. A compact
+  channel mask `{site: [L, C]}` (masks.py) is expanded with
+  `masks.leaf_masks`. Raises ValueError naming a mask key that is not a param.
   """
+  if isinstance(mask, dict) and mask and all('.' in k for k in mask):
+    from act_jax import masks  # pylint: disable=g-import-not-at-top
+    mask = masks.leaf_masks(mask, params)
 
   def walk(m, p, path):
     if isinstance(p, dict):

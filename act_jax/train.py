@@ -120,8 +120,9 @@ class BatchSource:
   order; on resume the first `step` items are skipped).
   """
 
-  def __init__(self, batches, train_cfg: TrainConfig):
+  def __init__(self, batches, train_cfg: TrainConfig, vocab_size: int):
     self._tc = train_cfg
+    self._vocab = vocab_size
     self._fn = self._seq = self._it = None
     self.num_truncated = 0
     if callable(batches):
@@ -159,6 +160,11 @@ class BatchSource:
     losses.check_batch(batch, f'batch of step {step}')
     tc = self._tc
     b, t = batch['tokens_bt'].shape
+    tokens = np.asarray(batch['tokens_bt'])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self._vocab):
+      raise ValueError(f'batch of step {step} has token ids in '
+                       f'[{tokens.min()}, {tokens.max()}], outside the '
+                       f'vocabulary [0, {self._vocab})')
     if b != tc.batch_size:
       raise ValueError(f'batch of step {step} has {b} rows; '
                        f'train.batch_size={tc.batch_size}')
@@ -314,7 +320,7 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
     compiling); TrainingDivergedError on a non-finite loss.
   """
   tc = check_train_config(train_cfg)
-  source = BatchSource(batches, tc)
+  source = BatchSource(batches, tc, cfg.vocab_size)
   first = source.get(0)  # fail on bad data before any compile
   mesh = mesh or sharding.make_mesh()
   opt = optim.make_optimizer(tc, params, mask)
@@ -373,7 +379,8 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
           mgr.wait_until_finished()
         raise TrainingDivergedError(
             f'non-finite loss {float(metrics["loss"])} / grad_norm '
-            f'{float(metrics["grad_norm"])} at step {step} (lr '
+            f'{float(metrics["grad_norm"])} in step {step + 1} of '
+            f'{tc.num_steps} (lr '
             f'{float(metrics["lr"]):.3g}); the step was not applied and '
             f'nothing was saved; last good checkpoint: '
             f'{"none" if good is None else f"step {good} in {mgr.directory}"}')
