@@ -195,7 +195,7 @@ def from_hf_config(hf: dict[str, Any], source: str = 'config.json',
   if model_type == 'qwen2':
     qkv_bias, o_bias = True, False
   else:
-    qkv_bias = attention_bias
+    qkv_bias = attention_bias and model_type != 'mistral'  # HF: never
     o_bias = attention_bias and model_type in ('llama', 'qwen3')
   return ModelConfig(
       model_type=model_type,
