@@ -126,6 +126,20 @@ class RoundTripTest(parameterized.TestCase):
     _, again = hf_convert.load_hf_params(out)
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
+  def test_failed_export_leaves_nothing(self):
+    src = f'{self.root}/src'
+    testutil.make_tiny_hf(src, 'llama', tokenizer=False)
+    cfg, params = hf_convert.load_hf_params(src)
+    out = f'{self.root}/out'
+    windowed = cfg.replace(sliding_windows=(4, 0))  # llama cannot say this
+    with self.assertRaisesRegex(hf_convert.ConversionError, 'sliding window'):
+      hf_export.save_hf(params, windowed, out)
+    params['layers']['mlp']['up_proj']['kernel'] = params['layers']['mlp'][
+        'up_proj']['kernel'][:, :, :-1]
+    with self.assertRaisesRegex(ValueError, r'layers\.mlp\.up_proj\.kernel'):
+      hf_export.save_hf(params, cfg, out)
+    self.assertEqual(sorted(os.listdir(self.root)), ['src'])
+
   @parameterized.named_parameters(
       ('mistral_window', 'mistral', dict(sliding_window=8)),
       ('qwen2_window_layers', 'qwen2',
