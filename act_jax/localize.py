@@ -221,6 +221,11 @@ def _define_flags():
   return flags.FLAGS
 
 
+def _arch(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+  ignored = ('dtype', 'param_dtype', 'max_position_embeddings')
+  return {k: v for k, v in cfg_dict.items() if k not in ignored}
+
+
 def run_cli(fl) -> str:
   """Runs the CLI with parsed flags `fl`; returns the output dir."""
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -240,9 +245,15 @@ def run_cli(fl) -> str:
   params = {}
   if fl.score == 'weight_diff' or fl.baselines:
     from act_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    want = _arch(stats.manifest['model_config'])
     for role in ('source', 'target'):
       i = resolve_model(stats, getattr(fl, role), f'--{role}')
-      params[role] = checkpoint.load_model(stats.model_paths[i])[1]
+      path = stats.model_paths[i]
+      cfg, params[role] = checkpoint.load_model(path)
+      if _arch(cfg.to_dict()) != want:
+        raise LocalizeError(f'{path} ({role}) has a different architecture '
+                            f'than the stats in {fl.stats} were collected '
+                            'with')
   result = localize(stats, fl.source, fl.target,
                     params_src=params.get('source'),
                     params_tgt=params.get('target'), **kw)
@@ -267,8 +278,8 @@ def run_cli(fl) -> str:
     for d in fl.other_masks:
       sets[os.path.basename(os.path.normpath(d))] = masks_lib.load_masks(d)[0]
     analyses['disentanglement'] = analysis.disentanglement(sets)
+  conc = analyses['concentration'] = analysis.concentration(result.scores)
   out = write_localized(fl.out, result, base_masks, analyses, fl.plots)
-  conc = analysis.concentration(result.scores)
   logging.info('wrote %s: %d channels (%.2f%%); median fraction for 80%% '
                'mass %.3f', out, masks_lib.count(result.mask),
                100 * masks_lib.summarize(result.mask)['fraction'],

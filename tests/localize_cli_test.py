@@ -9,7 +9,9 @@ channels 5/60 and every down_proj channel). Statistics come from one
 vmapped, pairwise forward on random tokens, saved with stats_io.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +199,18 @@ class PlantedTest(absltest.TestCase):
                               sites=['mlp.fc1']))
     with self.assertRaisesRegex(localize.LocalizeError, '--source'):
       localize.run_cli(_flags(stats=self.stats_dir, out=out, source='zzz'))
+    # Stats whose manifest describes another architecture than the models.
+    bad_stats = os.path.join(self.tmp, 'stats_bad')
+    shutil.copytree(self.stats_dir, bad_stats)
+    mpath = os.path.join(bad_stats, 'manifest.json')
+    with open(mpath) as f:
+      man = json.load(f)
+    man['model_config']['rms_norm_eps'] = 0.5
+    with open(mpath, 'w') as f:
+      json.dump(man, f)
+    with self.assertRaisesRegex(localize.LocalizeError,
+                                'different architecture'):
+      localize.run_cli(_flags(stats=bad_stats, out=out, baselines=True))
     self.assertFalse(os.path.exists(out))
     loc = os.path.join(self.tmp, 'loc_bad')
     localize.run_cli(_flags(stats=self.stats_dir, out=loc))
