@@ -4,7 +4,7 @@ The chain is `clip_by_global_norm -> adamw(schedule)`; what may move is set
 by `scope`:
   full      every param (the baseline).
   channels  only the True entries of a boolean mask pytree aligned with the
-            params. Gradients are masked before clipping (so the clip norm and
+            params (leaves with no True entry keep no optimizer state). Gradients are masked before clipping (so the clip norm and
             the moments see only trainable entries) and the FINAL updates are
             masked after the whole chain, weight decay included: `optax.masked`
             would pass frozen leaves' raw gradients through, so it is not used.
@@ -407,7 +407,14 @@ def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
   if lean:
     tx = lean_adamw(inner, plan_lean(mask, params))
     return Optimizer(tx, mask, schedule)
-  tx = optax.chain(masked_updates(mask), inner, masked_updates(mask))
+  # Leaves with no selected entry keep no state (set_to_zero), the rest keep
+  # full-shape moments of which only the masked entries ever become nonzero.
+  labels = jax.tree.map(lambda m: 'freeze' if _is_none(m) else 'train', mask)
+  tx = optax.chain(
+      masked_updates(mask),
+      optax.multi_transform({'train': inner, 'freeze': optax.set_to_zero()},
+                            labels),
+      masked_updates(mask))
   return Optimizer(tx, mask, schedule)
 
 
