@@ -39,7 +39,8 @@ from act_jax import sharding
 from act_jax.model_config import ModelConfig
 
 Batch = dict[str, np.ndarray]
-_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt', 'positions_bt')
+_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt', 'positions_bt',
+         'segment_ids_bt')
 
 
 def _is_stacked(params, cfg: ModelConfig) -> bool:
@@ -164,7 +165,8 @@ def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
           params, batch['tokens_bt'], cfg,
           attention_mask_bt=batch['attention_mask_bt'],
           positions_bt=batch['positions_bt'],
-          token_mask_bt=batch['token_mask_bt'], capture=spec,
+          token_mask_bt=batch['token_mask_bt'],
+          segment_ids_bt=batch['segment_ids_bt'], capture=spec,
           compute_logits=False)
     return _accumulate(acc, out.stats)
 
@@ -210,6 +212,8 @@ def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
   for i, batch in enumerate(itertools.chain([first], it)):
     if i < start:
       continue
+    batch = dict(batch)
+    batch.setdefault('segment_ids_bt', batch['attention_mask_bt'])
     gbatch = {k: jax.make_array_from_process_local_data(
         batch_sh, np.asarray(batch[k], np.int32), global_shape)
               for k in _KEYS}

@@ -13,7 +13,9 @@ Pipeline (each step a plain function, usable alone):
 A batch is a dict of int32 `[B, T]` arrays: `tokens_bt`, `attention_mask_bt`
 (1 = real token), `token_mask_bt` (1 = token counts: every real token, or
 only response tokens with `loss_on='response'`; the same mask is the SFT
-loss mask) and `positions_bt` (RoPE positions, reset per packed document).
+loss mask), `positions_bt` (RoPE positions, reset per packed document) and
+`segment_ids_bt` (1, 2, ... per document within a row, 0 for padding; the
+model keeps attention inside a document).
 Rows are right-padded; a final partial batch is filled with empty rows
 (all-zero masks), so a jitted step compiles once.
 """
@@ -30,7 +32,7 @@ import numpy as np
 from act_jax import templates
 
 BATCH_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt',
-              'positions_bt')
+              'positions_bt', 'segment_ids_bt')
 _EXT_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
                  '.txt': 'text', '.csv': 'csv'}
 
@@ -225,7 +227,7 @@ def make_batches(examples: Sequence[Example], batch_size: int,
     batch = empty_batch(batch_size, max_seq_len)
     for r, row in enumerate(rows[b0:b0 + batch_size]):
       t = 0
-      for ex in row:
+      for doc, ex in enumerate(row, start=1):
         n = len(ex.ids)
         if t + n > max_seq_len:
           raise DataError(f'an example of {n} tokens does not fit '
@@ -235,6 +237,7 @@ def make_batches(examples: Sequence[Example], batch_size: int,
         batch['token_mask_bt'][r, t:t + n] = (
             ex.response if loss_on == 'response' else 1)
         batch['positions_bt'][r, t:t + n] = np.arange(n)
+        batch['segment_ids_bt'][r, t:t + n] = doc
         t += n
     batches.append(batch)
   return batches

@@ -80,7 +80,8 @@ def make_ctx(attention_mask_bt: jax.Array,
              positions_bt: jax.Array | None = None,
              token_mask_bt: jax.Array | None = None,
              cache_index: jax.Array | int = 0,
-             kv_valid_bs: jax.Array | None = None) -> dict[str, jax.Array]:
+             kv_valid_bs: jax.Array | None = None,
+             segment_ids_bt: jax.Array | None = None) -> dict[str, jax.Array]:
   """The per-forward context every layer sees (broadcast through the scan).
 
   Args:
@@ -91,6 +92,8 @@ def make_ctx(attention_mask_bt: jax.Array,
     cache_index: raw index of the first query token inside the KV cache.
     kv_valid_bs: which key slots may be attended (cache length S); default
       the attention mask (S == T).
+    segment_ids_bt: document index of each token in packed rows; attention
+      stays inside a document. Not used with a KV cache.
   """
   mask = attention_mask_bt.astype(jnp.int32)
   if positions_bt is None:
@@ -100,13 +103,18 @@ def make_ctx(attention_mask_bt: jax.Array,
   if kv_valid_bs is None:
     kv_valid_bs = mask
   tokens = mask.shape[1]
-  return {
+  ctx = {
       'positions_bt': positions_bt.astype(jnp.int32),
       'token_mask_bt': token_mask_bt.astype(jnp.float32),
       'q_index_t': jnp.arange(tokens, dtype=jnp.int32) + cache_index,
       'kv_valid_bs': kv_valid_bs.astype(bool),
       'cache_index': jnp.asarray(cache_index, jnp.int32),
   }
+  if segment_ids_bt is not None:
+    if mask.shape != kv_valid_bs.shape:
+      raise ValueError('segment_ids_bt cannot be combined with a KV cache')
+    ctx['segment_ids_bt'] = segment_ids_bt.astype(jnp.int32)
+  return ctx
 
 
 def apply(params: Params,
@@ -120,7 +128,8 @@ def apply(params: Params,
           compute_logits: bool = True,
           cache: dict[str, jax.Array] | None = None,
           cache_index: jax.Array | int = 0,
-          kv_valid_bs: jax.Array | None = None) -> Output:
+          kv_valid_bs: jax.Array | None = None,
+          segment_ids_bt: jax.Array | None = None) -> Output:
   """Pure forward of one model. See `make_ctx` for the mask arguments.
 
   With `capture`, statistics of the chosen sites are reduced in-graph over
@@ -129,7 +138,7 @@ def apply(params: Params,
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones(tokens_bt.shape, jnp.int32)
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
-                 kv_valid_bs)
+                 kv_valid_bs, segment_ids_bt)
   model = Decoder(cfg, capture, compute_logits)
   logits, stats, new_cache = model.apply({'params': params}, tokens_bt, ctx,
                                          cache)

@@ -191,6 +191,9 @@ class Attention(nn.Module):
     window = per_layer['window']
     allowed_ts &= (window <= 0) | (k_idx_s[None, :] > q_idx_t[:, None] - window)
     allowed_bts = allowed_ts[None] & ctx['kv_valid_bs'][:, None, :]
+    if 'segment_ids_bt' in ctx:  # packed rows: no attention across documents
+      seg_bt = ctx['segment_ids_bt']
+      allowed_bts &= seg_bt[:, :, None] == seg_bt[:, None, :]
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q_btkge = q_bthe.reshape(batch, tokens, cfg.num_kv_heads, groups,

@@ -131,6 +131,9 @@ class DataTest(absltest.TestCase):
                                   [lens[0] + lens[1], lens[2], 0, 0])
     np.testing.assert_array_equal(b[0]['positions_bt'][0, :15],
                                   list(range(10)) + list(range(5)))
+    np.testing.assert_array_equal(b[0]['segment_ids_bt'][0, :16],
+                                  [1] * 10 + [2] * 5 + [0])
+    np.testing.assert_array_equal(b[0]['segment_ids_bt'][1], [1] * 16)
 
   def test_shuffle_is_seeded(self):
     recs = [{'text': f'text {i}'} for i in range(20)]

@@ -220,6 +220,23 @@ class InvariantsTest(absltest.TestCase):
     np.testing.assert_array_equal(row_norm[t + 1:], 0.0)
     self.assertTrue(np.all(row_norm[:t + 1] > 0))
 
+  def test_packed_documents_equal_separate_forwards(self):
+    # Two documents packed in one row with segment ids and reset positions
+    # give exactly the logits of two separate forwards.
+    doc_a, doc_b = self.tokens[0, :7], self.tokens[0, 3:12]
+    packed = np.concatenate([doc_a, doc_b])[None]
+    seg = np.array([[1] * 7 + [2] * 9])
+    pos = np.array([list(range(7)) + list(range(9))])
+    out = forward.apply(self.params[0], jnp.asarray(packed), self.cfg,
+                        positions_bt=jnp.asarray(pos),
+                        segment_ids_bt=jnp.asarray(seg)).logits
+    sep_a = forward.apply(self.params[0], jnp.asarray(doc_a[None]),
+                          self.cfg).logits
+    sep_b = forward.apply(self.params[0], jnp.asarray(doc_b[None]),
+                          self.cfg).logits
+    np.testing.assert_allclose(out[:, :7], sep_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], sep_b, atol=1e-5)
+
   def test_bf16_params_close_to_fp32(self):
     hf_dir = f'{self.root}/llama_0'
     cfg16, params16 = hf_convert.load_hf_params(
