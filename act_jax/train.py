@@ -256,15 +256,32 @@ def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
 
 
 def _state_shardings(mesh, tx, params, param_sh):
+  """Optimizer-state shardings: a state leaf whose key path ends with a param
+  path and has that param's shape (Adam moments, also inside
+  multi_transform) follows the param; anything else (counts, lean compact
+  slices) is replicated."""
   abstract = jax.eval_shape(tx.init, params)
   rep = sharding.replicated(mesh)
-  try:
-    return optax.tree_map_params(
-        tx, lambda _, s: s, abstract, param_sh,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  except Exception:  # pylint: disable=broad-except  (unusual state layouts)
-    return jax.tree.map(lambda _: rep, abstract)
+  by_path = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    names = tuple(getattr(k, 'key', None) for k in path)
+    by_path[names] = (tuple(x.shape), _leaf_at(param_sh, names))
+
+  def pick(path, x):
+    names = tuple(getattr(k, 'key', None) for k in path)
+    for i in range(len(names)):
+      hit = by_path.get(names[i:])
+      if hit is not None and hit[0] == tuple(x.shape):
+        return hit[1]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _leaf_at(tree, names):
+  for n in names:
+    tree = tree[n]
+  return tree
 
 
 # ------------------------------------------------------------ checkpoints

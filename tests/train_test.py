@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from act_jax import data, forward, metrics_log, sharding, train
+from act_jax import data, forward, metrics_log, optim, sharding, train
 from tests import testutil
 from tests.optim_test import CFG, channel_mask, tcfg, toy_batches
 
@@ -135,6 +135,27 @@ class TrainTest(absltest.TestCase):
     q0 = self.params['layers']['self_attn']['q_proj']['kernel']
     q = bf['layers']['self_attn']['q_proj']['kernel']
     self.assertTrue(np.isfinite(q).all() and (q != q0).any())
+
+  def test_sharded_matches_single_device(self):
+    mesh = sharding.make_mesh((2, 2, 2))
+    tc = tcfg(num_steps=2, scope='modules')
+    opt = optim.make_optimizer(tc, self.params, channel_mask())
+    psh = sharding.tree_shardings(mesh, forward.logical_axes(CFG),
+                                  self.params)
+    ssh = train._state_shardings(mesh, opt.tx, self.params, psh)
+    specs = {str(s.spec) for s in jax.tree.leaves(ssh)}
+    self.assertIn("P(None, 'fsdp', 'tensor')", specs)  # moments follow params
+    out = train.finetune(tc, self._fresh(), CFG, toy_batches(2),
+                         mask=channel_mask(), mesh=mesh)
+    self.assertEqual(
+        str(out['layers']['self_attn']['q_proj']['kernel'].sharding.spec),
+        "P(None, 'fsdp', 'tensor')")
+    one = train.finetune(tc, self._fresh(), CFG, toy_batches(2),
+                         mask=channel_mask(), mesh=sharding.make_mesh(
+                             (1, 1, 1), devices=jax.devices()[:1]))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(one)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-6)
 
   def test_nan_stops_and_keeps_last_good_checkpoint(self):
     workdir = tempfile.mkdtemp()
