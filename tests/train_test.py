@@ -154,8 +154,10 @@ class TrainTest(absltest.TestCase):
                          mask=channel_mask(), mesh=sharding.make_mesh(
                              (1, 1, 1), devices=jax.devices()[:1]))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(one)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                 atol=1e-6)
+      # Adam normalizes tiny gradients, so summation-order noise shows at
+      # about lr * 1e-4.
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                 atol=1e-5)
 
   def test_nan_stops_and_keeps_last_good_checkpoint(self):
     workdir = tempfile.mkdtemp()
