@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict(dict(
       engine='toy',  # toy (toy abilities) | act (act_jax.evaluate)
       num_eval=256,  # eval records per ability (0 = all)
+      batch_size=16,  # eval rows per forward (engine act)
       max_seq_len=128,  # T for perplexity rows
       rho_sweep='',  # sufficiency curve: comma list of rho ('' = off)
   ))

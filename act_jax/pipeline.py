@@ -167,10 +167,10 @@ def make_stages(config, workdir: str) -> list[stages_lib.Stage]:
       inputs=('convert', 'localize', 'transfer'),
       snapshot=_snap(config.train, config.sft, job_list)))
   out.append(stages_lib.Stage(
-      'evaluate', lambda ctx: sa.evaluate(config.evaluate, abil, job_list,
-                                          ctx),
+      'evaluate', lambda ctx: sa.evaluate(config.evaluate, config.transfer,
+                                          abil, job_list, ctx),
       inputs=('convert', 'localize', 'transfer', 'finetune'),
-      snapshot=_snap(config.evaluate, job_list)))
+      snapshot=_snap(config.evaluate, config.transfer, job_list)))
   out.append(stages_lib.Stage(
       'report', lambda ctx: sa.report(config.report, ctx),
       inputs=('localize', 'evaluate'), snapshot=None))

@@ -18,7 +18,7 @@ from typing import Mapping
 from act_jax import pipeline
 
 BASELINES = ('linear', 'task_arithmetic', 'ties', 'dare')
-ENGINES = ('toy',)
+ENGINES = ('toy', 'act')
 
 
 class PreflightError(ValueError):

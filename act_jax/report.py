@@ -162,7 +162,9 @@ def build_report(workdir: str, out_dir: str, report_cfg=None) -> dict:
                              build['models'].items()}), '']
   plots = []
   for name, job in jobs.items():
-    lines += [f'## {name}', '', results_table(job['results']), '']
+    ordered = {k: job['results'][k] for k in job.get('order',
+                                                      job['results'])}
+    lines += [f'## {name}', '', results_table(ordered), '']
     curve = job.get('sufficiency')
     if curve:
       ability = _job_ability(workdir, name)

@@ -39,68 +39,76 @@ def _save(ctx: Ctx, sub: str, params, cfg, tok_model: str):
                              tokenizer_dir=tok_dir)
 
 
-def transfer(transfer_cfg, jobs: list[dict], ctx: Ctx) -> dict:
-  """ACT transplant / merge and the merging baselines, per job."""
+def build_candidates(transfer_cfg, job: dict, ctx: Ctx):
+  """`(cfg, {candidate: thunk -> params}, report)` of one job.
+
+  Thunks are cheap (a masked select or a merge), so only the ACT result is
+  saved by the transfer stage; evaluate rebuilds the baselines in memory
+  (saving every baseline of a 7B model would cost ~15 GB each).
+  """
   from act_jax import baselines, transfer as transfer_lib  # pylint: disable=g-import-not-at-top,g-multiple-import
   from act_jax import pipeline  # pylint: disable=g-import-not-at-top
   wanted = pipeline.parse_list(transfer_cfg.baselines)
+  name = job['name']
   report = {}
+  if job['kind'] == 'recover':
+    p = job['pairs'][0]
+    cfg, tgt = _load(ctx, p['target'])
+    _, src = _load(ctx, p['source'])
+    build = {k: (lambda k=k: transfer_lib.transplant_channels(
+        tgt, src, _mask(ctx, name, p['ability'], k),
+        alpha=transfer_cfg.alpha)) for k in KINDS}
+    build.update({
+        'linear': lambda: baselines.linear_interpolation(
+            tgt, src, transfer_cfg.interp_t),
+        'task_arithmetic': lambda: baselines.task_arithmetic(
+            src, [tgt], transfer_cfg.ta_lambda),
+        'ties': lambda: baselines.ties(src, [tgt], transfer_cfg.ties_density),
+        'dare': lambda: baselines.dare(src, [tgt], transfer_cfg.dare_drop,
+                                       seed=transfer_cfg.seed)})
+  else:
+    cfg, base = _load(ctx, job['base'])
+    specs = list(job['specialists'].items())
+    srcs = [_load(ctx, s)[1] for s, _ in specs]
+    names = [s for s, _ in specs]
+
+    def merged(kind):
+      ms = [_mask(ctx, name, a, kind) for _, a in specs]
+      sc = [load_scores(os.path.join(ctx.input_dir('localize'), name, a,
+                                     'scores.npz')) for _, a in specs]
+      out, rep = transfer_lib.merge(base, srcs, ms, sc,
+                                    policy=transfer_cfg.policy,
+                                    alpha=transfer_cfg.alpha, names=names)
+      report[f'{kind}_conflicts'] = rep['num_conflicts']
+      return out
+
+    build = {k: (lambda k=k: merged(k)) for k in KINDS}
+    build.update({
+        'linear': lambda: _mean(srcs),
+        'task_arithmetic': lambda: baselines.task_arithmetic(
+            base, srcs, transfer_cfg.ta_lambda),
+        'ties': lambda: baselines.ties(base, srcs, transfer_cfg.ties_density),
+        'dare': lambda: baselines.dare(base, srcs, transfer_cfg.dare_drop,
+                                       seed=transfer_cfg.seed)})
+  build = {k: v for k, v in build.items() if k in KINDS or k in wanted}
+  return cfg, build, report
+
+
+def transfer(transfer_cfg, jobs: list[dict], ctx: Ctx) -> dict:
+  """The ACT transplant (recover) or merge of each job -> `<job>/act/`."""
+  out = {}
   for job in jobs:
     if job['analyze_only']:
       continue
-    name = job['name']
-    made = {}
-    if job['kind'] == 'recover':
-      p = job['pairs'][0]
-      cfg, tgt = _load(ctx, p['target'])
-      _, src = _load(ctx, p['source'])
-      build = {k: (lambda k=k: transfer_lib.transplant_channels(
-          tgt, src, _mask(ctx, name, p['ability'], k),
-          alpha=transfer_cfg.alpha)) for k in KINDS}
-      build.update({
-          'linear': lambda: baselines.linear_interpolation(
-              tgt, src, transfer_cfg.interp_t),
-          'task_arithmetic': lambda: baselines.task_arithmetic(
-              src, [tgt], transfer_cfg.ta_lambda),
-          'ties': lambda: baselines.ties(src, [tgt], transfer_cfg.ties_density),
-          'dare': lambda: baselines.dare(src, [tgt], transfer_cfg.dare_drop,
-                                         seed=transfer_cfg.seed)})
-      tok_model = p['target']
-    else:
-      cfg, base = _load(ctx, job['base'])
-      specs = list(job['specialists'].items())
-      srcs = [_load(ctx, s)[1] for s, _ in specs]
-      names = [s for s, _ in specs]
-
-      def merged(kind, base=base, srcs=srcs, specs=specs, names=names):
-        ms = [_mask(ctx, name, a, kind) for _, a in specs]
-        sc = [load_scores(os.path.join(ctx.input_dir('localize'), name, a,
-                                       'scores.npz')) for _, a in specs]
-        out, rep = transfer_lib.merge(base, srcs, ms, sc,
-                                      policy=transfer_cfg.policy,
-                                      alpha=transfer_cfg.alpha, names=names)
-        made[f'{kind}_conflicts'] = rep['num_conflicts']
-        return out
-
-      build = {k: (lambda k=k: merged(k)) for k in KINDS}
-      build.update({
-          'linear': lambda: _mean(srcs),
-          'task_arithmetic': lambda: baselines.task_arithmetic(
-              base, srcs, transfer_cfg.ta_lambda),
-          'ties': lambda: baselines.ties(base, srcs, transfer_cfg.ties_density),
-          'dare': lambda: baselines.dare(base, srcs, transfer_cfg.dare_drop,
-                                         seed=transfer_cfg.seed)})
-      tok_model = job['base']
-    for cand, fn in build.items():
-      if cand not in KINDS and cand not in wanted:
-        continue
-      sub = os.path.join(name, cand)
-      if not ctx.sub_done(sub):
-        _save(ctx, sub, fn(), cfg, tok_model)
-      made[cand] = sub
-    report[name] = made
-  stages_lib.write_atomic_json(ctx.sub_dir('transfer.json'), report)
-  return report
+    sub = os.path.join(job['name'], 'act')
+    cfg, build, report = build_candidates(transfer_cfg, job, ctx)
+    if not ctx.sub_done(sub):
+      tok = (job['pairs'][0]['target'] if job['kind'] == 'recover'
+             else job['base'])
+      _save(ctx, sub, build['act'](), cfg, tok)
+    out[job['name']] = report
+  stages_lib.write_atomic_json(ctx.sub_dir('transfer.json'), out)
+  return out
 
 
 def _mean(trees):
@@ -160,29 +168,41 @@ def finetune(train_cfg, sft_cfg, abilities: dict[str, dict], jobs: list[dict],
 # ----------------------------------------------------------------- evaluate
 
 
-def _candidates(ctx: Ctx, job: dict) -> dict[str, str]:
-  """Candidate name -> params dir, in report order."""
+def _candidates(transfer_cfg, ctx: Ctx, job: dict):
+  """Candidate name -> thunk returning params, in report order."""
   conv = ctx.input_dir('convert')
   out = {}
+
+  def load(path):
+    return lambda: checkpoint.load_params_dir(path)[1]
+
   if job['kind'] == 'recover':
     p = job['pairs'][0]
-    out['target'] = os.path.join(conv, p['target'])
-    out['source (full copy)'] = os.path.join(conv, p['source'])
+    out['target'] = load(os.path.join(conv, p['target']))
+    out['source (= full copy)'] = load(os.path.join(conv, p['source']))
   else:
-    out['base'] = os.path.join(conv, job['base'])
+    out['base'] = load(os.path.join(conv, job['base']))
     for s in job['specialists']:
-      out[s] = os.path.join(conv, s)
-  tdir = os.path.join(ctx.input_dir('transfer'), job['name'])
-  for cand in sorted(os.listdir(tdir)) if os.path.isdir(tdir) else []:
-    out[cand] = os.path.join(tdir, cand)
-  ft = os.path.join(ctx.input_dir('finetune'), job['name'], 'act_ft')
-  if os.path.isdir(ft):
-    out['act_ft'] = ft
-  return out
+      out[s] = load(os.path.join(conv, s))
+  cfg, build, _ = build_candidates(transfer_cfg, job, ctx)
+  for k, fn in build.items():
+    if k != 'act':
+      out[k] = fn
+  out['act (no fine-tune)'] = load(os.path.join(ctx.input_dir('transfer'),
+                                                job['name'], 'act'))
+  out['act + fine-tune'] = load(os.path.join(ctx.input_dir('finetune'),
+                                             job['name'], 'act_ft'))
+  return cfg, out
 
 
-def _score_fn(eval_cfg, abilities: dict[str, dict], names: list[str]):
-  """`fn(params, cfg) -> {ability: {metric: value}}` for the eval engine."""
+def _score_fn(eval_cfg, abilities: dict[str, dict], names: list[str],
+              tokenizer):
+  """`fn(params, cfg, only=None) -> {ability: {metric: value}}`.
+
+  engine 'toy': act_jax.toy.metrics (exact match on one fixed-shape greedy
+  buffer, answer perplexity); 'act': act_jax.evaluate (KV-cache greedy
+  generation with answer extraction, perplexity over answer tokens).
+  """
   sets = {a: _records(abilities[a]['eval'])[:eval_cfg.num_eval or None]
           for a in names}
   if eval_cfg.engine == 'toy':
@@ -192,12 +212,31 @@ def _score_fn(eval_cfg, abilities: dict[str, dict], names: list[str]):
       return {a: metrics.score(params, cfg, a, sets[a], eval_cfg.max_seq_len)
               for a in (only or names)}
     return fn
-  raise ValueError(f'evaluate.engine={eval_cfg.engine!r}: only toy is wired '
-                   'in this version (see report)')
+  from act_jax import data, evaluate as ev  # pylint: disable=g-import-not-at-top,g-multiple-import
+  eval_sets = {}
+  for a in names:
+    ab = abilities[a]
+    if ab.get('metric', 'perplexity') == 'exact_match':
+      eval_sets[a] = ev.EvalSet(gen=sets[a], extract=ab.get('extract', 'raw'),
+                                max_new_tokens=ab.get('max_new_tokens', 32))
+    else:
+      dcfg = _data_cfg(ab, eval_cfg.max_seq_len, eval_cfg.batch_size,
+                       loss_on='response', add_eos=True)
+      eval_sets[a] = ev.EvalSet(ppl=data.load_batches(dcfg, tokenizer,
+                                                      records=sets[a])[0])
+  short = {'em': 'exact_match', 'ppl': 'perplexity'}
+
+  def fn_act(params, cfg, only=None):
+    chosen = {a: eval_sets[a] for a in (only or names)}
+    res = ev.evaluate_models({'m': params}, cfg, chosen, tokenizer=tokenizer,
+                             batch_size=eval_cfg.batch_size)['m']
+    return {a: {short[k]: v for k, v in r.items() if k in short}
+            for a, r in res.items()}
+  return fn_act
 
 
-def evaluate(eval_cfg, abilities: dict[str, dict], jobs: list[dict],
-             ctx: Ctx) -> dict:
+def evaluate(eval_cfg, transfer_cfg, abilities: dict[str, dict],
+             jobs: list[dict], ctx: Ctx) -> dict:
   """Every candidate on every ability, plus the sufficiency sweep."""
   from act_jax import baselines, masks, selection, transfer as transfer_lib  # pylint: disable=g-import-not-at-top,g-multiple-import
   from act_jax import pipeline  # pylint: disable=g-import-not-at-top
@@ -205,13 +244,14 @@ def evaluate(eval_cfg, abilities: dict[str, dict], jobs: list[dict],
   for job in jobs:
     if job['analyze_only']:
       continue
-    fn = _score_fn(eval_cfg, abilities, job['abilities'])
+    tok = _tokenizer(ctx, job['pairs'][0]['target'])
+    fn = _score_fn(eval_cfg, abilities, job['abilities'], tok)
     res = {}
-    for cand, path in _candidates(ctx, job).items():
-      cfg, params = checkpoint.load_params_dir(path)
-      res[cand] = fn(params, cfg)
+    cfg, cands = _candidates(transfer_cfg, ctx, job)
+    for cand, thunk in cands.items():
+      res[cand] = fn(thunk(), cfg)
       logging.info('evaluate %s/%s: %s', job['name'], cand, res[cand])
-    result = {'results': res}
+    result = {'results': res, 'order': list(res)}
     rhos = [float(r) for r in pipeline.parse_list(eval_cfg.rho_sweep)]
     if job['kind'] == 'recover' and rhos:
       p = job['pairs'][0]

@@ -2,11 +2,11 @@
 
 Four abilities with disjoint surface forms, so each exercises its own
 circuitry in a small model:
-  arithmetic  `37+48=` -> `85` (two-digit addition; exact match)
+  arithmetic  `37+8=` -> `45` (a < 50 plus a digit, 500 facts; exact match)
   lang_a      sentences of an SVO language over `kmnpt` + `aiu` (perplexity)
   lang_b      sentences of an SOV language over `bdglrsvz` + `eoy`, with an
               object particle and verb agreement (perplexity)
-  reverse     `CADBE>` -> `EBDAC` (uppercase A-H; exact match)
+  reverse     `CADBE>` -> `EBDAC` (3-5 letters A-F; exact match)
 Records are dicts `{'prompt', 'answer', 'text'}`; `text = prompt + answer`.
 The two grammars' lexicons are fixed (seeded once), the sentences are drawn
 from the caller's rng, so probe, train and eval splits differ only by seed.
@@ -32,13 +32,13 @@ class Ability:
 
 
 def _arithmetic(rng: np.random.RandomState) -> tuple[str, str]:
-  a, b = rng.randint(10, 100, size=2)
+  a, b = rng.randint(0, 50), rng.randint(0, 10)
   return f'{a}+{b}=', str(a + b)
 
 
 def _reverse(rng: np.random.RandomState) -> tuple[str, str]:
-  n = rng.randint(4, 8)
-  s = ''.join(rng.choice(list('ABCDEFGH'), size=n))
+  n = rng.randint(3, 6)
+  s = ''.join(rng.choice(list('ABCDEF'), size=n))
   return s + '>', s[::-1]
 
 
@@ -93,10 +93,10 @@ def _lang_b(rng: np.random.RandomState) -> tuple[str, str]:
 
 
 ABILITIES = {
-    'arithmetic': Ability('arithmetic', 'exact_match', _arithmetic, 4),
+    'arithmetic': Ability('arithmetic', 'exact_match', _arithmetic, 3),
     'lang_a': Ability('lang_a', 'perplexity', _lang_a, 0),
     'lang_b': Ability('lang_b', 'perplexity', _lang_b, 0),
-    'reverse': Ability('reverse', 'exact_match', _reverse, 8),
+    'reverse': Ability('reverse', 'exact_match', _reverse, 6),
 }
 
 

@@ -1,0 +1,62 @@
+"""ACT recover on real HF checkpoints: an ability from source into target.
+
+Models and data come from flags; abilities are JSONL files of records with
+`prompt` and `answer` (probe texts are `prompt + answer`):
+  python -m act_jax.main --config=configs/recover.py --workdir=/runs/rec \\
+    --config.models.source=/ckpt/base --config.models.target=/ckpt/spec \\
+    --config.abilities.ability.probe=math_probe.jsonl \\
+    --config.abilities.ability.eval=math_eval.jsonl \\
+    --config.abilities.ability.sft=math_sft.jsonl \\
+    --config.abilities.retain.probe=lang_probe.jsonl ... (eval, sft)
+Only localization: `--config.mode=analyze`. A subset of stages:
+`--config.stages=collect,localize` (inputs must be complete).
+
+Settings for 7B models (Qwen2.5-7B: 28 layers, D 3584, F 18944; Llama-2-7B:
+32 layers, D 4096, F 11008), bf16 params, f32 statistics:
+  TPU v4-32 / v5e-32 (32 chips): --config.mesh_shape=1,32,1
+    --config.convert.param_dtype=bfloat16 --config.collect.dtype=bfloat16
+    --config.collect.batch_size=64 --config.collect.max_seq_len=1024
+    --config.train.batch_size=64 --config.train.max_seq_len=1024
+    --config.train.compute_dtype=bfloat16 --config.train.lean=True
+    --config.evaluate.batch_size=64
+  8 x H100/H200 (one node): --config.mesh_shape=1,8,1, same dtypes,
+    --config.collect.batch_size=32 --config.train.batch_size=32
+    (grad_accum 2 if activations do not fit).
+Two 7B models stacked for collection need ~28 GB in bf16; the fine-tune
+with `lean=True` keeps Adam moments only for the selected slices.
+Launch: launch/tpu_pod.sh or launch/slurm_gpu.sh (BUILD.md).
+"""
+
+import ml_collections
+
+from act_jax import config_schema
+
+
+def _ability() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      probe='',  # probe records (JSONL: prompt, answer)
+      eval='',  # held-out eval records
+      sft='',  # fine-tune records
+      metric='exact_match',  # exact_match | perplexity
+      extract='last_number',  # evaluate.extract_answer mode (exact match)
+      max_new_tokens=64,  # generation budget (exact match)
+      template='qa',  # data.py template
+      qa_format='Question: {prompt}\\nAnswer: {response}',  # prompt join
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Recover config; fill models and ability files by flags."""
+  c = config_schema.base_config()
+  c.mode = 'recover'
+  c.models.source = ''  # HF dir of the model that has the ability
+  c.models.target = ''  # HF dir of the model that lost it
+  c.abilities.ability = _ability()  # the ability to recover
+  c.abilities.retain = _ability()  # the target's specialty, to keep
+  c.abilities.retain.metric = 'perplexity'
+  c.recover.source = 'source'
+  c.recover.target = 'target'
+  c.recover.ability = 'ability'
+  c.evaluate.engine = 'act'
+  c.localize.top_frac = 0.05
+  return c
