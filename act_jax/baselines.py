@@ -99,8 +99,8 @@ def _trim_magnitude(d, density: float, layered: bool):
   return jnp.where(keep, x, 0).reshape(d.shape)
 
 
-def _merge_leaf(b, ss, keep_masks, *, lam, density, consensus, rescale):
-  """One leaf of the generalized task arithmetic (TA / TIES / DARE)."""
+def _deltas(b, ss, keep_masks, rescale):
+  """Float32 base and stacked task vectors `[K, ...]` (DARE-dropped)."""
   b32 = b.astype(jnp.float32)
   deltas = []
   for i, s in enumerate(ss):
@@ -130,8 +130,7 @@ def _gta_leaf(b, ss, key, j, *, layered, lam, density, consensus, drop):
   keep = None
   if drop > 0:
     keep = [_keep(key, i, j, b.shape, drop) for i in range(len(ss))]
-  b32, d_k = _merge_leaf(b, ss, keep, lam=lam, density=density,
-                         consensus=consensus, rescale=1.0 / (1.0 - drop))
+  b32, d_k = _deltas(b, ss, keep, 1.0 / (1.0 - drop))
   if density < 1.0:
     d_k = jnp.stack([_trim_magnitude(d, density, layered) for d in d_k])
   return _combine(b32, d_k, lam, consensus, b.dtype)
