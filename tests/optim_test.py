@@ -120,6 +120,33 @@ class OptimTest(absltest.TestCase):
                         optim.make_optimizer(tcfg(scope='full'), self.params
                                             ).tx, self.params) / 3)
 
+  def test_lean_gather_scatter_roundtrip(self):
+    rng = np.random.RandomState(1)
+    x = rng.randn(2, 6, 5).astype(np.float32)
+    cols = np.zeros((2, 1, 5), bool)
+    cols[0, 0, [1, 3]] = True
+    cols[1, 0, [4]] = True  # layers select different counts: padding
+    rows = np.zeros((2, 6, 1), bool)
+    rows[1, [0, 2, 5], 0] = True
+    both = cols | rows  # coupled rows + columns: flat indices
+    for m, kind in ((cols, 'axis'), (rows, 'axis'), (both, 'flat')):
+      plan = optim._plan_leaf(m, x.shape, stacked=True)
+      self.assertEqual(plan.kind, kind)
+      back = optim._scatter(optim._gather(x, plan), plan, x)
+      np.testing.assert_array_equal(np.asarray(back),
+                                    np.where(np.broadcast_to(m, x.shape), x,
+                                             0))
+    # a compact site mask (masks.py) normalizes like its leaf tree
+    site = {'self_attn.q_proj': channel_mask()['layers']['self_attn'][
+        'q_proj']['kernel']}
+    a = optim.normalize_mask(site, self.params)
+    b = optim.normalize_mask({'layers': {'self_attn': {'q_proj': {
+        'kernel': site['self_attn.q_proj']}}}}, self.params)
+    for u, v, p in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                       jax.tree.leaves(self.params)):
+      np.testing.assert_array_equal(np.broadcast_to(u, p.shape),
+                                    np.broadcast_to(v, p.shape))
+
   def test_optax_masked_would_not_freeze(self):
     # Why the mask goes on the final updates: optax.masked passes frozen
     # leaves' raw gradients through as updates.
