@@ -56,8 +56,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       seed=0,  # split seed (paragraph buckets, QA halves)
       conlang_seed=0,  # word -> conlang-word mapping seed
-      english_eval_paragraphs=48,  # held-out English texts
-      conlang_eval_paragraphs=48,  # held-out conlang texts
+      english_eval_paragraphs=32,  # held-out English texts
+      conlang_eval_paragraphs=32,  # held-out conlang texts
       english_probe_paragraphs=64,  # English prose in the probe set
       conlang_train_paragraphs=0,  # 0 = every remaining paragraph
       qa_eval_frac=0.5,  # share of each QA category held out
@@ -70,7 +70,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       qa_limit=0,  # first N eval questions (0 = all)
   ))
   # The specialist: continued training on conlang text, every param.
-  c.specialist = _train(num_steps=100, lr=1e-4, save_every=25)
+  c.specialist = _train(num_steps=50, lr=2e-4, save_every=10)
 
   c.localize = ml_collections.ConfigDict(dict(
       scores=('mean_abs_diff', 'diff_of_mean_abs'),  # activation scores
@@ -84,7 +84,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.compat.enabled = True  # also run every ACT variant + ft
   c.compat.rhos = ()  # rhos whose ACT variants get it; () = every rho
   c.compat.qa_weight = 0.5  # share of fine-tune tokens that are English QA
-  c.compat.train = _train(num_steps=40, lr=5e-5, scope='channels',
+  c.compat.train = _train(num_steps=24, lr=5e-5, scope='channels',
                           save_every=0)
 
   c.baselines = ml_collections.ConfigDict(dict(

@@ -42,6 +42,9 @@ from act_jax.smollm2 import abilities, corpus, meter, models, report, sweep
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'configs/smollm2_recover.py (ml_collections)')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (resumable)')
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'only (re)write the report from results.json; '
+    'rows still missing are listed and the report is marked PARTIAL')
 
 RESULTS_FILE = 'results.json'
 
@@ -83,6 +86,35 @@ class Results:
     return self.data['rows']
 
 
+def expected_rows(config) -> list[str]:
+  """Every row name a complete run of `config` produces."""
+  loc, bl, cp = config.localize, config.baselines, config.compat
+  names = ['source', 'specialist']
+  for rho in tuple(loc.rhos) + tuple(loc.curve_extra_rhos):
+    for s in (loc.scores if rho in loc.rhos else loc.scores[:1]):
+      names.append(f'act[{s}]@{rho:g}')
+    names += [f'random@{rho:g}', f'weight_diff@{rho:g}']
+  names += [f'linear@{bl.lerp_t:g}', f'task_arith@{bl.ta_lambda:g}',
+            f'ties@{bl.ties_density:g}', f'dare@{bl.dare_drop:g}']
+  if cp.enabled:
+    for rho in tuple(cp.rhos) or tuple(loc.rhos):
+      names += [f'act[{s}]@{rho:g}+ft' for s in loc.scores]
+      if any(abs(rho - r) < 1e-9 for r in bl.random_ft_rhos):
+        names.append(f'random@{rho:g}+ft')
+    names.append('full_ft')
+  return names
+
+
+def write_report_only(config, workdir: str) -> str:
+  """The report of whatever results.json holds (PARTIAL if rows miss)."""
+  with open(os.path.join(workdir, RESULTS_FILE)) as f:
+    data = json.load(f)
+  missing = [n for n in expected_rows(config) if n not in data['rows']]
+  text = report.write_report(data, config, workdir, missing=missing)
+  print(text)
+  return text
+
+
 def _moved(mask_tree, params) -> int:
   """Parameter entries a leaf mask selects."""
   return optim.mask_counts(optim.normalize_mask(mask_tree, params),
@@ -92,10 +124,13 @@ def _moved(mask_tree, params) -> int:
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole case; returns results.json's content."""
   os.makedirs(workdir, exist_ok=True)
-  # Rows are named by their own knobs (score, rho, ...); only what changes
-  # every row invalidates the saved results.
-  fp = models.digest({k: config.to_dict()[k] for k in
-                      ('models', 'data', 'eval', 'specialist', 'compat')})
+  # Rows are named by their own knobs (score, rho, ...) and carry a key of
+  # what else they depend on: the specialist (every row but the source) and
+  # the fine-tune (rows with +ft); only data/eval changes drop everything.
+  cd = config.to_dict()
+  fp = models.digest({k: cd[k] for k in ('models', 'data', 'eval')})
+  spec_key = models.digest(cd['specialist'])
+  ft_key = models.digest([spec_key, cd['compat']])
   res = Results(os.path.join(workdir, RESULTS_FILE), fp)
   m = meter.Meter()
   for k, v in res.data['stages'].items():
@@ -128,8 +163,15 @@ def run(config, workdir: str) -> dict[str, Any]:
   res.data['info']['num_params'] = int(sum(x.size for x in
                                            jax.tree.leaves(src)))
 
+  def row_key(name):
+    return (fp if name == 'source' else ft_key if name.endswith('ft')
+            else spec_key)
+
+  def done(name):
+    return name in rows and rows[name].get('key') == row_key(name)
+
   def evaluate(name: str, params, **info):
-    if name in rows:
+    if done(name):
       return
     t0 = time.time()
     with stage('eval'):
@@ -138,6 +180,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     row = dict(info)
     row.update(vals)
     row['eval_s'] = time.time() - t0
+    row['key'] = row_key(name)
     row['replies'] = replies[:config.report.keep_replies]
     rows[name] = row
     logging.info('%-28s %s', name, {k: round(v, 4) for k, v in vals.items()})
@@ -202,6 +245,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                                     'random': sweep.random_jaccard(m0, m1)}
   flush()
 
+  def ft_at(rho, rhos):
+    return config.compat.enabled and any(abs(rho - r) < 1e-9 for r in rhos)
+
   # ------------------------------------------------- compat fine-tune data
   ft_cfg = train.check_train_config(config.compat.train)
   with stage('compat_data'):
@@ -210,7 +256,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                ft_cfg, config.compat.qa_weight), ft_cfg)
 
   def finetune(name, start, channel_mask, scope, **info):
-    if name in rows:
+    if done(name):
       return
     tc = dataclasses.replace(ft_cfg, scope=scope)
     mask_tree = (masks.leaf_masks(channel_mask, start)
@@ -225,7 +271,7 @@ def run(config, workdir: str) -> dict[str, Any]:
              **info)
 
   def transplant(name, channel_mask, ft: bool, **info):
-    if name in rows and (not ft or name + '+ft' in rows):
+    if done(name) and (not ft or done(name + '+ft')):
       return
     with stage('transplant'):
       tree = masks.leaf_masks(channel_mask, spec)
@@ -236,57 +282,64 @@ def run(config, workdir: str) -> dict[str, Any]:
       finetune(name + '+ft', new, channel_mask, 'channels',
                params_moved=moved, **dict(info, ft=True))
 
-  # --------------------------------------------------------------- recover
-  def ft_at(rho, rhos):
-    return config.compat.enabled and any(abs(rho - r) < 1e-9 for r in rhos)
-
-  for rho in loc.rhos:
-    for s in loc.scores:
-      transplant(f'act[{s}]@{rho:g}', sweep.act_mask(sc[s], rho),
-                 ft=ft_at(rho, config.compat.rhos or loc.rhos), family='act',
-                 score=s, rho=rho)
-  for rho in loc.curve_extra_rhos:
-    transplant(f'act[{loc.scores[0]}]@{rho:g}',
-               sweep.act_mask(sc[loc.scores[0]], rho), ft=False,
-               family='act', score=loc.scores[0], rho=rho)
-
-  # ------------------------------------------------------------- baselines
+  # ------------------------------------- recover + baselines, no fine-tune
+  # Cheapest and most informative rows first, fine-tunes last, so an
+  # interrupted run still has the whole sufficiency picture.
   bl = config.baselines
   ref = loc.scores[0]
-  for rho in tuple(loc.rhos) + tuple(loc.curve_extra_rhos):
+  all_rhos = tuple(loc.rhos) + tuple(loc.curve_extra_rhos)
+  for rho in all_rhos:
+    for s in (loc.scores if rho in loc.rhos else loc.scores[:1]):
+      transplant(f'act[{s}]@{rho:g}', sweep.act_mask(sc[s], rho), ft=False,
+                 family='act', score=s, rho=rho)
     amask = sweep.act_mask(sc[ref], rho)
     with stage('localize'):
       rmask = baselines.random_mask(amask, bl.random_seed)
       wmask = baselines.budget_matched_mask(amask, wd)
-    transplant(f'random@{rho:g}', rmask, ft=ft_at(rho, bl.random_ft_rhos),
-               family='random',
-               rho=rho)
+    transplant(f'random@{rho:g}', rmask, ft=False, family='random', rho=rho)
     transplant(f'weight_diff@{rho:g}', wmask, ft=False,
                family='weight_diff', rho=rho)
-  with stage('merge'):
-    lerp = baselines.linear_interpolation(spec, src, bl.lerp_t)
-  evaluate(f'linear@{bl.lerp_t:g}', lerp, family='merge')
-  del lerp
-  with stage('merge'):
-    ta = baselines.task_arithmetic(src, [spec], bl.ta_lambda)
-  evaluate(f'task_arith@{bl.ta_lambda:g}', ta, family='merge')
-  del ta
-  with stage('merge'):
-    ti = baselines.ties(src, [spec], density=bl.ties_density)
-  evaluate(f'ties@{bl.ties_density:g}', ti, family='merge')
-  del ti
-  with stage('merge'):
-    da = baselines.dare(src, [spec], drop=bl.dare_drop, seed=bl.random_seed)
-  evaluate(f'dare@{bl.dare_drop:g}', da, family='merge')
-  del da
+  merges = (
+      (f'linear@{bl.lerp_t:g}',
+       lambda: baselines.linear_interpolation(spec, src, bl.lerp_t)),
+      (f'task_arith@{bl.ta_lambda:g}',
+       lambda: baselines.task_arithmetic(src, [spec], bl.ta_lambda)),
+      (f'ties@{bl.ties_density:g}',
+       lambda: baselines.ties(src, [spec], density=bl.ties_density)),
+      (f'dare@{bl.dare_drop:g}',
+       lambda: baselines.dare(src, [spec], drop=bl.dare_drop,
+                              seed=bl.random_seed)))
+  for name, make in merges:
+    if not done(name):
+      with stage('merge'):
+        merged = make()
+      evaluate(name, merged, family='merge')
+      del merged
+  flush()
+
+  # ------------------------------------------------------------ fine-tunes
   if config.compat.enabled:
-    finetune('full_ft', spec, None, 'full', family='full_ft', ft=True,
-             params_moved=res.data['info']['num_params'])
+    ft_rhos = tuple(config.compat.rhos) or tuple(loc.rhos)
+    first = [r for r in loc.rhos if abs(r - ft_rhos[0]) < 1e-9][:1]
+    for rho in first + [r for r in ft_rhos if r not in first]:
+      for s in loc.scores:
+        transplant(f'act[{s}]@{rho:g}', sweep.act_mask(sc[s], rho), ft=True,
+                   family='act', score=s, rho=rho)
+      if ft_at(rho, bl.random_ft_rhos):
+        with stage('localize'):
+          rmask = baselines.random_mask(sweep.act_mask(sc[ref], rho),
+                                        bl.random_seed)
+        transplant(f'random@{rho:g}', rmask, ft=True, family='random',
+                   rho=rho)
+      if rho in first:
+        finetune('full_ft', spec, None, 'full', family='full_ft', ft=True,
+                 params_moved=res.data['info']['num_params'])
   flush()
 
   # ---------------------------------------------------------------- report
   with stage('report'):
-    text = report.write_report(res.data, config, workdir)
+    missing = [n for n in expected_rows(config) if not done(n)]
+    text = report.write_report(res.data, config, workdir, missing=missing)
   flush()
   print(text)
   return res.data
@@ -298,7 +351,10 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
-  run(_CONFIG.value, _WORKDIR.value)
+  if _REPORT_ONLY.value:
+    write_report_only(_CONFIG.value, _WORKDIR.value)
+  else:
+    run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
