@@ -18,8 +18,6 @@ random or weight-diff channels, hence `top_frac=0.2` here.
 
 import os
 
-from act_jax import config_schema
-
 
 def get_config():
   """SmolLM2-135M recover config (CPU-sized batches)."""
@@ -41,5 +39,4 @@ def get_config():
   c.train.lr = 1e-5
   c.evaluate.batch_size = 8
   c.evaluate.num_eval = 100
-  del config_schema  # the schema comes through recover.py
   return c
