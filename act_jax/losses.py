@@ -2,7 +2,8 @@
 
 A batch is `{'tokens_bt', 'attention_mask_bt', 'loss_mask_bt'}` (data.py's
 `token_mask_bt` is accepted in place of `loss_mask_bt`, and its optional
-`positions_bt` is used for packed rows); position t predicts token t+1 and
+`positions_bt` / `segment_ids_bt` are used for packed rows: attention stays
+inside each document and a target never crosses a document boundary); position t predicts token t+1 and
 counts when the TARGET token's loss mask (and attention mask) is 1. Log-softmax in float32 whatever the compute dtype.
 """
 
@@ -25,7 +26,7 @@ def as_loss_batch(batch: dict[str, Any]) -> dict[str, Any]:
   out = dict(batch)
   if 'loss_mask_bt' not in out and 'token_mask_bt' in out:
     out['loss_mask_bt'] = out['token_mask_bt']
-  keep = REQUIRED_KEYS + ('positions_bt',)
+  keep = REQUIRED_KEYS + ('positions_bt', 'segment_ids_bt')
   return {k: v for k, v in out.items() if k in keep}
 
 
@@ -39,8 +40,8 @@ def check_batch(batch: dict[str, Any], where: str = 'batch') -> None:
   shape = tuple(batch['tokens_bt'].shape)
   if len(shape) != 2:
     raise ValueError(f'{where}: tokens_bt must be [B, T], got {shape}')
-  for k in REQUIRED_KEYS[1:] + (('positions_bt',) if 'positions_bt' in batch
-                                else ()):
+  for k in REQUIRED_KEYS[1:] + tuple(
+      k for k in ('positions_bt', 'segment_ids_bt') if k in batch):
     if tuple(batch[k].shape) != shape:
       raise ValueError(f'{where}: {k} has shape {tuple(batch[k].shape)}, '
                        f'tokens_bt has {shape}')
@@ -56,9 +57,14 @@ def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
 
 
 def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
-  """`[B, T-1]` float32 weights: target's loss mask AND attention mask."""
-  return (batch['loss_mask_bt'][:, 1:].astype(jnp.float32) *
-          batch['attention_mask_bt'][:, 1:].astype(jnp.float32))
+  """`[B, T-1]` float32 weights: target's loss mask AND attention mask (AND
+  same document as its context, for packed rows)."""
+  w = (batch['loss_mask_bt'][:, 1:].astype(jnp.float32) *
+       batch['attention_mask_bt'][:, 1:].astype(jnp.float32))
+  seg = batch.get('segment_ids_bt')
+  if seg is not None:
+    w = w * (seg[:, 1:] == seg[:, :-1]).astype(jnp.float32)
+  return w
 
 
 def nll_sum(params, batch: dict[str, jax.Array],
@@ -66,7 +72,8 @@ def nll_sum(params, batch: dict[str, jax.Array],
   """(sum of next-token NLL over weighted targets, number of targets)."""
   out = forward.apply(params, batch['tokens_bt'], cfg,
                       attention_mask_bt=batch['attention_mask_bt'],
-                      positions_bt=batch.get('positions_bt'))
+                      positions_bt=batch.get('positions_bt'),
+                      segment_ids_bt=batch.get('segment_ids_bt'))
   w = target_weights(batch)
   lp = token_logprobs(out.logits, batch['tokens_bt'])
   return -jnp.sum(lp * w), jnp.sum(w)
@@ -77,7 +84,8 @@ def sequence_logprobs(params, batch: dict[str, jax.Array],
   """Per-sequence (sum of target log-probs `[B]`, target count `[B]`)."""
   out = forward.apply(params, batch['tokens_bt'], cfg,
                       attention_mask_bt=batch['attention_mask_bt'],
-                      positions_bt=batch.get('positions_bt'))
+                      positions_bt=batch.get('positions_bt'),
+                      segment_ids_bt=batch.get('segment_ids_bt'))
   w = target_weights(batch)
   lp = token_logprobs(out.logits, batch['tokens_bt'])
   return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1)

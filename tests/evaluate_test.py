@@ -6,7 +6,7 @@ from absl.testing import absltest
 import numpy as np
 import torch
 
-from act_jax import evaluate, hf_convert, sharding
+from act_jax import data, evaluate, hf_convert, sharding
 from tests import testutil
 
 
@@ -50,6 +50,18 @@ class EvaluateTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'no target tokens'):
       evaluate.perplexity(self.params, self.cfg, [dict(
           batches[0], loss_mask_bt=np.zeros_like(tokens[:3]))])
+
+  def test_packed_rows_equal_separate_rows(self):
+    rng = np.random.RandomState(3)
+    exs = [data.Example(rng.randint(4, self.cfg.vocab_size, n).astype(
+        np.int32), np.ones(n, np.int32)) for n in (5, 7, 4, 6)]
+    packed = data.make_batches(exs, 2, 16, pack=True)
+    separate = data.make_batches(exs, 4, 16, pack=False)
+    self.assertLess(packed[0]['attention_mask_bt'].sum(-1).min(), 16)
+    a = evaluate.perplexity(self.params, self.cfg, packed, mesh=self.mesh)
+    b = evaluate.perplexity(self.params, self.cfg, separate, mesh=self.mesh)
+    self.assertEqual(a['tokens'], b['tokens'])  # no cross-document targets
+    np.testing.assert_allclose(a['nll'], b['nll'], rtol=1e-5)
 
   def test_mc_accuracy_constructed(self):
     rng = np.random.RandomState(0)
