@@ -36,7 +36,11 @@ def run(config, workdir: str) -> dict:
   needed = {k: models[k] for k in pipeline.needed_models(config)}
   builds = any(s.name == 'build_models' for s in stage_list)
   if not builds or stages.is_complete(workdir, 'build_models'):
-    preflight.check_models(needed)  # toy models are checked after building
+    # Toy models and data are checked after building (convert re-checks).
+    preflight.check_models(needed)
+    abilities = {k: pipeline.resolve(v.to_dict(), workdir)
+                 for k, v in config.abilities.items()}
+    preflight.check_data(abilities, list(abilities))
   records = stages.run_stages(stage_list, workdir, only)
   results = os.path.join(workdir, 'report.md')
   if 'report' in records and os.path.isfile(results):
