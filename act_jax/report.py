@@ -135,7 +135,9 @@ def build_report(workdir: str, out_dir: str, report_cfg=None) -> dict:
     if stages_lib.is_complete(workdir, s):
       markers[s] = stages_lib.read_marker(workdir, s)
   jobs = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'evaluate', '*.json'))):
+  paths = sorted(glob.glob(os.path.join(workdir, 'evaluate', '*.json')),
+                 key=lambda p: (not p.endswith('recover.json'), p))
+  for path in paths:
     name = os.path.splitext(os.path.basename(path))[0]
     if name != 'COMPLETE':
       jobs[name] = _read(path)
@@ -165,6 +167,11 @@ def build_report(workdir: str, out_dir: str, report_cfg=None) -> dict:
     ordered = {k: job['results'][k] for k in job.get('order',
                                                       job['results'])}
     lines += [f'## {name}', '', results_table(ordered), '']
+    if name == 'recover':
+      lines += ['(recover: `source` has the ability and is also the full-'
+                'copy baseline; ties / dare / task_arithmetic use the source '
+                "as base and the target's delta as the task vector; with one "
+                'task vector task_arithmetic(lam) = linear(t = 1 - lam).)', '']
     curve = job.get('sufficiency')
     if curve:
       ability = _job_ability(workdir, name)

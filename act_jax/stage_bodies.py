@@ -6,9 +6,12 @@ Artifacts (all under the workdir; every write is atomic):
   localize/<job>/<ability>/{act,weight_diff,random}/  mask dirs
   localize/<job>/<ability>/scores.npz score per site [L, C] (+ halves)
   localize/analysis.json              concentration, overlap, stability
-  transfer/<job>/<candidate>/         params dirs; transfer/<job>.json
+  transfer/<job>/act/                 params dir of the ACT result;
+                                      transfer/transfer.json (conflicts)
   finetune/<job>/act_ft/              params dir; finetune/<job>_work/ logs
-  evaluate/<job>.json                 {candidate: {ability: {metric: v}}}
+  evaluate/<job>.json                 {candidate: {ability: {metric: v}}},
+                                      order, sufficiency curve
+Baselines are rebuilt in memory by evaluate (stage_act.build_candidates).
 Models are always addressed through `convert/<model>`.
 """
 
