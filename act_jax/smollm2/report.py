@@ -70,8 +70,8 @@ def stage_table(data: dict[str, Any]) -> str:
   for name, st in data['stages'].items():
     out.append(f'| {name} | {st["wall_s"]:.0f} | {st["peak_rss_mb"]:.0f} |')
     total += st['wall_s']
-  out.append(f'| total | {total:.0f} | '
-             f'{max([s["peak_rss_mb"] for s in data["stages"].values()] or [0]):.0f} |')
+  peak = max([s['peak_rss_mb'] for s in data['stages'].values()] or [0])
+  out.append(f'| total | {total:.0f} | {peak:.0f} |')
   return '\n'.join(out) + '\n'
 
 
@@ -324,7 +324,9 @@ def render(data: dict[str, Any], config, plot_rel: str,
       '',
       'Peak RSS of the whole process during the stage (the models stay '
       'loaded, so it includes them). `eval`, `transplant`, '
-      '`compat_finetune` sum over every variant.',
+      '`compat_finetune` sum over every variant. Times add up across '
+      'resumed processes; work a killed process did before its last save '
+      'is not counted.',
       '',
       stage_table(data),
   ]
