@@ -25,7 +25,7 @@ def _toy_config(source: str, cache: str):
   spec = importlib.util.spec_from_file_location('smollm2_recover', _CONFIG)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config('toy')
+  c = mod.get_config('case_toy')
   c.models.source = source
   c.cache_dir = cache
   return c

@@ -1,7 +1,7 @@
 """The SmolLM2 forgetting case end to end: specialist, recover sweep,
 baselines, the four analyses and the report, resumable.
 
-  python -m act_jax.smollm2.run --config=configs/smollm2_recover.py \
+  python -m act_jax.smollm2.run --config=configs/smollm2_recover.py:case \
       --workdir=workdir/smollm2 --config.report.out=docs/results/smollm2.md
 
 Stages (each result is saved in `workdir/results.json` as it lands, so a
@@ -40,7 +40,7 @@ from act_jax import baselines, checkpoint, masks, optim, train, transfer
 from act_jax.smollm2 import abilities, corpus, meter, models, report, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'configs/smollm2_recover.py (ml_collections)')
+    'config', None, 'configs/smollm2_recover.py:case (ml_collections)')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (resumable)')
 _REPORT_ONLY = flags.DEFINE_bool(
     'report_only', False, 'only (re)write the report from results.json; '
