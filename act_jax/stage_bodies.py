@@ -204,7 +204,7 @@ def localize(loc_cfg, jobs: list[dict], names: list[str], ctx: Ctx) -> dict:
                     'scores': per_half['full']}
       summary[key] = {'channels': int(masks.count(act)),
                       'total': int(sum(np.size(v) for v in act.values()))}
-  analysis = analyses.run_all(found, loc_cfg)
+  analysis = analyses.run_all(found)
   stages_lib.write_atomic_json(ctx.sub_dir('analysis.json'), analysis)
   return summary
 
