@@ -39,12 +39,20 @@ from ml_collections import config_flags
 from act_jax import baselines, checkpoint, masks, optim, train, transfer
 from act_jax.smollm2 import abilities, corpus, meter, models, report, sweep
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'configs/smollm2_recover.py:case (ml_collections)')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (resumable)')
-_REPORT_ONLY = flags.DEFINE_bool(
-    'report_only', False, 'only (re)write the report from results.json; '
-    'rows still missing are listed and the report is marked PARTIAL')
+_FLAGS = {}
+
+
+def _define_flags():
+  """Flags exist only when this module is the program: importing it (tests,
+  other entry points that define --config/--workdir) must not clash."""
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', None, 'configs/smollm2_recover.py:case (ml_collections)')
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
+                                          'run directory (resumable)')
+  _FLAGS['report_only'] = flags.DEFINE_bool(
+      'report_only', False, 'only (re)write the report from results.json; '
+      'rows still missing are listed and the report is marked PARTIAL')
+
 
 RESULTS_FILE = 'results.json'
 
@@ -347,15 +355,17 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
+  if not workdir:
     raise app.UsageError('--workdir is required')
-  if _CONFIG.value is None:
+  if config is None:
     raise app.UsageError('--config is required')
-  if _REPORT_ONLY.value:
-    write_report_only(_CONFIG.value, _WORKDIR.value)
+  if _FLAGS['report_only'].value:
+    write_report_only(config, workdir)
   else:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, workdir)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
