@@ -154,8 +154,9 @@ def verdicts(data: dict[str, Any]) -> str:
         parts.append(f'random {rnd["qa_acc"]:.3f}')
       if wdf:
         parts.append(f'weight_diff {wdf["qa_acc"]:.3f}')
-      best = max([x for x in (a, rnd, wdf) if x], key=lambda x: x['qa_acc'])
-      win = 'ACT wins' if best is a else 'ACT does NOT win'
+      others = max([x['qa_acc'] for x in (rnd, wdf) if x] or [-1.0])
+      win = ('ACT wins' if a['qa_acc'] > others + 1e-9 else 'tie'
+             if abs(a['qa_acc'] - others) <= 1e-9 else 'ACT does NOT win')
       out.append(f'- Transplant only, rho={rho:g}: ' + ', '.join(parts) +
                  f' ({win}; conlang ppl {a["conlang_ppl"]:.2f} vs '
                  f'specialist {spec["conlang_ppl"]:.2f}).')
