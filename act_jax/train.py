@@ -353,7 +353,8 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
       out_shardings=(param_sh, state_sh, rep),
       donate_argnums=(0, 1))
 
-  params = jax.device_put(params, param_sh)
+  # The step donates its params; copy so the caller's arrays stay valid.
+  params = jax.device_put(jax.tree.map(jnp.copy, params), param_sh)
   opt_state = jax.jit(opt.tx.init, out_shardings=state_sh)(params)
   rng = jax.random.key_data(jax.random.key(tc.seed))
   start = 0

@@ -124,9 +124,14 @@ class TrainTest(absltest.TestCase):
     runs = {}
     for accum, dt in ((1, 'float32'), (2, 'float32'), (1, 'bfloat16')):
       tc = tcfg(num_steps=3, grad_accum=accum, compute_dtype=dt)
+      given = jax.device_put(self._fresh(), jax.devices()[0])
       runs[(accum, dt)] = jax.device_get(train.finetune(
-          tc, self._fresh(), CFG, toy_batches(3), mask=channel_mask(),
+          tc, given, CFG, toy_batches(3), mask=channel_mask(),
           mesh=mesh))
+      # The step donates buffers; the caller's params must survive intact.
+      for a, b in zip(jax.tree.leaves(jax.device_get(given)),
+                      jax.tree.leaves(jax.device_get(self._fresh()))):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(runs[(1, 'float32')]),
                     jax.tree.leaves(runs[(2, 'float32')])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
