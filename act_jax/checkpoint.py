@@ -55,13 +55,15 @@ def _barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_dir(path: str, overwrite: bool = False,
+               collective: bool = True) -> Iterator[str]:
   """Yields a temporary sibling of `path`; renames it to `path` on success.
 
   On any exception the temporary directory is removed and `path` is left as
   it was. The temporary name is deterministic (`.NAME.partial`) so all
   processes of a multi-process job write into the same place; process 0 does
-  the file-system moves.
+  the file-system moves. With `collective=False` the caller alone writes
+  (e.g. only process 0 writes a small artifact): no barriers.
 
   Raises:
     FileExistsError naming `path` when it exists and `overwrite` is False.
@@ -71,24 +73,26 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path}: output already exists (pass overwrite)')
   tmp = os.path.join(parent, f'.{base}.partial')
-  if _is_primary():
+  primary = _is_primary() if collective else True
+  barrier = _barrier if collective else (lambda name: None)
+  if primary:
     os.makedirs(parent, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run
     os.makedirs(tmp)
-  _barrier(f'atomic_dir_start:{path}')
+  barrier(f'atomic_dir_start:{path}')
   try:
     yield tmp
-    _barrier(f'atomic_dir_done:{path}')
-    if _is_primary():
+    barrier(f'atomic_dir_done:{path}')
+    if primary:
       old = os.path.join(parent, f'.{base}.old')
       if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
       os.rename(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
-    _barrier(f'atomic_dir_end:{path}')
+    barrier(f'atomic_dir_end:{path}')
   except BaseException:
-    if _is_primary():
+    if primary:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
 

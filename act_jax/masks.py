@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -278,12 +276,9 @@ def summarize(mask: Mask) -> dict[str, Any]:
 
 def atomic_write_dir(out_dir: str, files: Mapping[str, Any]) -> str:
   """Writes `{name: json-able or bytes}` into `out_dir` atomically."""
+  from act_jax import checkpoint  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-',
-                         dir=parent)
-  try:
+  with checkpoint.atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
     for name, content in files.items():
       path = os.path.join(tmp, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -293,17 +288,6 @@ def atomic_write_dir(out_dir: str, files: Mapping[str, Any]) -> str:
       else:
         with open(path, 'w') as f:
           json.dump(content, f, indent=1, sort_keys=True)
-    if os.path.isdir(out_dir):
-      old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.old-',
-                             dir=parent)
-      os.rename(out_dir, os.path.join(old, 'x'))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 

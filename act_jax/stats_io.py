@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -115,26 +113,12 @@ def save_stats(out_dir: str, flat: dict[str, np.ndarray],
     if a.shape != shape:
       raise StatsError(f'array {k} has shape {a.shape}, expected {shape}')
     arrays[k] = a
+  from act_jax import checkpoint  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-',
-                         dir=parent)
-  try:
+  with checkpoint.atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
     save_file(arrays, os.path.join(tmp, ARRAYS_FILE))
     with open(os.path.join(tmp, MANIFEST_FILE), 'w') as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
-    if os.path.isdir(out_dir):
-      old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.old-',
-                             dir=parent)
-      os.rename(out_dir, os.path.join(old, 'x'))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
