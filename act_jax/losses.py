@@ -67,25 +67,25 @@ def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
   return w
 
 
-def nll_sum(params, batch: dict[str, jax.Array],
-            cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token NLL over weighted targets, number of targets)."""
+def _target_logprobs(params, batch: dict[str, jax.Array],
+                     cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(`[B, T-1]` target log-probs, `[B, T-1]` target weights)."""
   out = forward.apply(params, batch['tokens_bt'], cfg,
                       attention_mask_bt=batch['attention_mask_bt'],
                       positions_bt=batch.get('positions_bt'),
                       segment_ids_bt=batch.get('segment_ids_bt'))
-  w = target_weights(batch)
-  lp = token_logprobs(out.logits, batch['tokens_bt'])
+  return token_logprobs(out.logits, batch['tokens_bt']), target_weights(batch)
+
+
+def nll_sum(params, batch: dict[str, jax.Array],
+            cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token NLL over weighted targets, number of targets)."""
+  lp, w = _target_logprobs(params, batch, cfg)
   return -jnp.sum(lp * w), jnp.sum(w)
 
 
 def sequence_logprobs(params, batch: dict[str, jax.Array],
                       cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
   """Per-sequence (sum of target log-probs `[B]`, target count `[B]`)."""
-  out = forward.apply(params, batch['tokens_bt'], cfg,
-                      attention_mask_bt=batch['attention_mask_bt'],
-                      positions_bt=batch.get('positions_bt'),
-                      segment_ids_bt=batch.get('segment_ids_bt'))
-  w = target_weights(batch)
-  lp = token_logprobs(out.logits, batch['tokens_bt'])
+  lp, w = _target_logprobs(params, batch, cfg)
   return jnp.sum(lp * w, axis=-1), jnp.sum(w, axis=-1)

@@ -397,18 +397,13 @@ def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
     raise ValueError('the channel mask selects no entries: nothing to train')
   if scope == 'modules':
     mask = module_mask(mask, params)
-    labels = jax.tree.map(lambda m: 'freeze' if _is_none(m) else 'train', mask)
-    tx = optax.chain(
-        masked_updates(mask),
-        optax.multi_transform({'train': inner, 'freeze': optax.set_to_zero()},
-                              labels),
-        masked_updates(mask))
-    return Optimizer(tx, mask, schedule)
-  if lean:
+  elif lean:
     tx = lean_adamw(inner, plan_lean(mask, params))
     return Optimizer(tx, mask, schedule)
   # Leaves with no selected entry keep no state (set_to_zero), the rest keep
   # full-shape moments of which only the masked entries ever become nonzero.
+  # The mask is applied before the chain (so clipping sees only trainable
+  # gradients) and to the final updates (so weight decay cannot leak).
   labels = jax.tree.map(lambda m: 'freeze' if _is_none(m) else 'train', mask)
   tx = optax.chain(
       masked_updates(mask),
