@@ -80,10 +80,10 @@ class DataTest(absltest.TestCase):
   def test_mask_overlap_helpers(self):
     a = {'s': np.array([[1, 1, 0, 0]], bool)}
     b = {'s': np.array([[0, 1, 1, 0]], bool)}
-    self.assertAlmostEqual(sweep.jaccard(a, b), 1 / 3)
-    self.assertAlmostEqual(sweep.jaccard(a, a), 1.0)
+    self.assertAlmostEqual(sweep.overlap(a, b)['jaccard'], 1 / 3)
+    self.assertAlmostEqual(sweep.overlap(a, a)['jaccard'], 1.0)
     # Expected intersection 2 * 2 / 4 = 1 -> 1 / (4 - 1).
-    self.assertAlmostEqual(sweep.random_jaccard(a, b), 1 / 3)
+    self.assertAlmostEqual(sweep.overlap(a, b)['random'], 1 / 3)
     conc = sweep.concentration({'s': np.array([[10.0, 0, 0, 0]])})
     self.assertAlmostEqual(conc['0.90']['median'], 0.25)
 

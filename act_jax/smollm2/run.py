@@ -241,16 +241,12 @@ def run(config, workdir: str) -> dict[str, Any]:
       ana['overlap_act_vs_weight'][r], ana['stability'][r] = {}, {}
       for s in loc.scores:
         amask = sweep.act_mask(sc[s], rho)
-        ana['overlap_act_vs_weight'][r][s] = {
-            'jaccard': sweep.jaccard(amask, wmask),
-            'random': sweep.random_jaccard(amask, wmask)}
-        ma, mb = sweep.act_mask(sc_a[s], rho), sweep.act_mask(sc_b[s], rho)
-        ana['stability'][r][s] = {'jaccard': sweep.jaccard(ma, mb),
-                                  'random': sweep.random_jaccard(ma, mb)}
+        ana['overlap_act_vs_weight'][r][s] = sweep.overlap(amask, wmask)
+        ana['stability'][r][s] = sweep.overlap(
+            sweep.act_mask(sc_a[s], rho), sweep.act_mask(sc_b[s], rho))
       if len(loc.scores) >= 2:
         m0, m1 = (sweep.act_mask(sc[s], rho) for s in loc.scores[:2])
-        ana['overlap_scores'][r] = {'jaccard': sweep.jaccard(m0, m1),
-                                    'random': sweep.random_jaccard(m0, m1)}
+        ana['overlap_scores'][r] = sweep.overlap(m0, m1)
   flush()
 
   def ft_at(rho, rhos):

@@ -8,9 +8,11 @@
   add_stats(a, b)        statistics of the union of two probe sets (sums)
   act_mask(...)          per-(layer, site) top-rho channels of a score
   concentration(...)     fraction of channels holding 50/80/90% of the score
-                         mass per (site, layer) module
-  jaccard(a, b) / random_jaccard(a, b)   overlap of two channel masks and
-                         its expectation for random sets of the same sizes
+                         mass per (site, layer) module, summarized over
+                         modules (`analysis.mass_fraction_lc`)
+  overlap(a, b)          Jaccard of two channel masks and its expectation
+                         for random sets of the same sizes
+                         (`analysis.overlap`)
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from act_jax import capture, collect, data, masks, scores, selection
+from act_jax import analysis, capture, collect, data, masks, scores
+from act_jax import selection
 from act_jax.smollm2 import models
 
 SOURCE, SPECIALIST = 0, 1
@@ -108,28 +111,20 @@ def act_mask(score_lc: dict[str, np.ndarray], rho: float) -> masks.Mask:
   return selection.select_channels(score_lc, 'per_site', top_frac=rho)
 
 
-def _mass_fraction(s_c: np.ndarray, level: float) -> float:
-  s = np.sort(np.abs(s_c.astype(np.float64)))[::-1]
-  total = s.sum()
-  if total <= 0:
-    return 0.0
-  k = int(np.searchsorted(np.cumsum(s) / total, level - 1e-12)) + 1
-  return k / s.size
-
-
 def concentration(score_lc: dict[str, np.ndarray],
                   levels: Sequence[float] = MASS_LEVELS) -> dict[str, Any]:
   """Fraction of a module's channels that holds `level` of its score mass.
 
-  A module is one (site, layer). Returns, per level, the median and the
-  quartiles over all modules, the share of modules needing at most 5% of
-  their channels, and per site the median (`by_site`).
+  A module is one (site, layer); the fractions are
+  `analysis.mass_fraction_lc`. Returns, per level ('0.80'), the median and
+  the quartiles over all modules, the share of modules needing at most 5%
+  of their channels, and per site the median (`by_site`).
   """
   out: dict[str, Any] = {}
   for level in levels:
-    per_site = {site: [_mass_fraction(s[l], level) for l in range(len(s))]
+    per_site = {site: analysis.mass_fraction_lc(np.abs(s), level)
                 for site, s in score_lc.items()}
-    allv = np.asarray([v for vs in per_site.values() for v in vs])
+    allv = np.concatenate(list(per_site.values()))
     out[f'{level:.2f}'] = {
         'median': float(np.median(allv)),
         'q25': float(np.quantile(allv, 0.25)),
@@ -140,22 +135,10 @@ def concentration(score_lc: dict[str, np.ndarray],
   return out
 
 
-def jaccard(a: masks.Mask, b: masks.Mask) -> float:
-  """|A and B| / |A or B| over every (site, layer, channel)."""
-  inter = sum(int(np.sum(a[s] & b[s])) for s in a)
-  union = sum(int(np.sum(a[s] | b[s])) for s in a)
-  return inter / union if union else 1.0
-
-
-def random_jaccard(a: masks.Mask, b: masks.Mask) -> float:
-  """Expected Jaccard of random sets with the same per-(site, layer) sizes
-  (expected intersection k_a k_b / n per module)."""
-  inter = union = 0.0
-  for s in a:
-    ka = np.sum(a[s], axis=-1).astype(np.float64)
-    kb = np.sum(b[s], axis=-1).astype(np.float64)
-    n = a[s].shape[-1]
-    e = ka * kb / n
-    inter += e.sum()
-    union += (ka + kb - e).sum()
-  return float(inter / union) if union else 1.0
+def overlap(a: masks.Mask, b: masks.Mask) -> dict[str, float]:
+  """`{'jaccard', 'random'}`: `analysis.overlap` of two channel masks over
+  every (site, layer, channel), and its expectation for random sets of the
+  same per-(site, layer) sizes."""
+  o = analysis.overlap(a, b)
+  return {'jaccard': float(o['jaccard']),
+          'random': float(o['random_expected'])}
