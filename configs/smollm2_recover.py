@@ -1,7 +1,7 @@
 """ACT recover on the real SmolLM2-135M (minimal; a later issue does the study).
 
 The float32 SmolLM2-135M-Instruct HF directory is built offline by
-`tests/smollm2_util.smollm2_hf_dir()` into `$ACT_JAX_CACHE` (default
+`act_jax.smollm2.weights.smollm2_hf_dir()` into `$ACT_JAX_CACHE` (default
 `~/.cache/act_jax/smollm2-135m-instruct`); that is the default source. The
 target is a specialist of it (e.g. continued on text in a new script until
 it lost a factual-QA ability), given by flag, as are the ability files
@@ -128,7 +128,7 @@ def case_config(arg: str = 'case') -> ml_collections.ConfigDict:
   c.compat.enabled = True  # also run every ACT variant + ft
   c.compat.rhos = ()  # rhos whose ACT variants get it; () = every rho
   c.compat.qa_weight = 0.5  # share of fine-tune tokens that are English QA
-  c.compat.train = _train(num_steps=24, lr=5e-5, scope='channels',
+  c.compat.train = _train(num_steps=16, lr=5e-5, scope='channels',
                           save_every=0)
 
   c.baselines = ml_collections.ConfigDict(dict(
