@@ -57,7 +57,7 @@ def _define_flags():
 RESULTS_FILE = 'results.json'
 
 
-def _sub(cfg_dict, cls):
+def sub_config(cfg_dict, cls):
   """A dataclass from an ml_collections sub-config; names unknown fields."""
   values = dict(cfg_dict)
   known = {f.name for f in dataclasses.fields(cls)}
@@ -154,12 +154,12 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ data
   with stage('data'):
-    data_cfg = _sub(config.data, corpus.CorpusConfig)
+    data_cfg = sub_config(config.data, corpus.CorpusConfig)
     manifest = corpus.write_corpus(os.path.join(workdir, 'data'), data_cfg)
     recs = {n: corpus.read_jsonl(os.path.join(workdir, 'data', f'{n}.jsonl'))
             for n in corpus.FILES}
   res.data['info']['data'] = manifest
-  eval_cfg = _sub(config.eval, abilities.EvalConfig)
+  eval_cfg = sub_config(config.eval, abilities.EvalConfig)
 
   # ---------------------------------------------------------------- source
   with stage('source_load'):

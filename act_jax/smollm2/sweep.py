@@ -3,8 +3,9 @@
   probe_halves(...)      the ability's probe set (English QA in the chat
                          template + English prose) as two disjoint halves of
                          fixed-shape batches
-  collect_pair(...)      `collect.collect_stats` of [source, specialist] on
-                         batches -> `{site: {stat: array}}`, count
+  collect_models(...)    `collect.collect_stats` of K models on batches ->
+                         `{site: {stat: array}}`, count; `collect_pair` for
+                         [source, specialist]
   add_stats(a, b)        statistics of the union of two probe sets (sums)
   act_mask(...)          per-(layer, site) top-rho channels of a score
   concentration(...)     fraction of channels holding 50/80/90% of the score
@@ -50,15 +51,16 @@ def probe_halves(qa_records, english_records, tokenizer, max_seq_len: int,
   return halves[0], halves[1]
 
 
-def collect_pair(source_params, specialist_params, cfg, batches,
-                 sites: Sequence[str] = capture.OUTPUT_SITES,
-                 ckpt_dir: str | None = None) -> dict[str, Any]:
-  """Statistics of [source, specialist] on `batches` (one vmapped forward).
+def collect_models(params_list: Sequence[Any], cfg, batches,
+                   sites: Sequence[str] = capture.OUTPUT_SITES,
+                   ckpt_dir: str | None = None) -> dict[str, Any]:
+  """Statistics of K related models on `batches` (one vmapped forward).
 
-  Returns `{'stats': {site: {stat: array}}, 'count': [2]}`.
+  Returns `{'stats': {site: {stat: array}}, 'count': [K]}`; model k of the
+  statistics is `params_list[k]`.
   """
-  flat = collect.collect_stats([source_params, specialist_params], cfg,
-                               batches, capture.CaptureSpec(tuple(sites)),
+  flat = collect.collect_stats(list(params_list), cfg, batches,
+                               capture.CaptureSpec(tuple(sites)),
                                ckpt_dir=ckpt_dir)
   nested: dict[str, dict[str, np.ndarray]] = {}
   for key, v in flat.items():
@@ -67,6 +69,14 @@ def collect_pair(source_params, specialist_params, cfg, batches,
     site, stat = key.rsplit('/', 1)
     nested.setdefault(site, {})[stat] = np.asarray(v)
   return {'stats': nested, 'count': np.asarray(flat['count'])}
+
+
+def collect_pair(source_params, specialist_params, cfg, batches,
+                 sites: Sequence[str] = capture.OUTPUT_SITES,
+                 ckpt_dir: str | None = None) -> dict[str, Any]:
+  """`collect_models` of [source, specialist] (`SOURCE`, `SPECIALIST`)."""
+  return collect_models([source_params, specialist_params], cfg, batches,
+                        sites, ckpt_dir)
 
 
 def cached_pair(path: str, compute) -> dict[str, Any]:

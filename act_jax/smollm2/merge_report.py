@@ -1,0 +1,185 @@
+"""The SmolLM2 merge case's report: Markdown from its results.json.
+
+Every number comes from the run's results. The summary column `lang ratio`
+is the geometric mean over the two languages of (the model's perplexity /
+that language's specialist's perplexity): 1.00 means both languages as good
+as in their own specialist; the source is far above 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from act_jax.smollm2 import report as report_lib
+
+_ORDER = ('source', 'specialist', 'act', 'random', 'weight_diff', 'merge')
+
+
+def lang_ratio(row: dict[str, Any], rows: dict[str, Any]) -> float | None:
+  """Geometric mean of the two languages' perplexity ratios to their
+  specialists (None until both specialists are measured)."""
+  a, b = rows.get('specialist_a'), rows.get('specialist_b')
+  if not a or not b:
+    return None
+  return math.exp(0.5 * (
+      math.log(row['conlang_a_ppl'] / a['conlang_a_ppl']) +
+      math.log(row['conlang_b_ppl'] / b['conlang_b_ppl'])))
+
+
+def _sorted(rows):
+  def key(item):
+    name, r = item
+    fam = r.get('family', '')
+    return (_ORDER.index(fam) if fam in _ORDER else 99, r.get('rho') or 0.0,
+            name)
+  return sorted(rows.items(), key=key)
+
+
+def main_table(data: dict[str, Any]) -> str:
+  """Every model on both languages, English and QA."""
+  rows = data['rows']
+  n = data['info'].get('num_params', 1)
+  out = ['| model | conlang A ppl | conlang B ppl | lang ratio | qa_acc | '
+         'english_ppl | params changed | conflicts | eval s |',
+         '|---|---|---|---|---|---|---|---|---|']
+  for name, r in _sorted(rows):
+    ch = r.get('params_changed')
+    lr = lang_ratio(r, rows)
+    out.append(
+        f'| {name} | {r["conlang_a_ppl"]:.2f} | {r["conlang_b_ppl"]:.2f} | '
+        f'{"-" if lr is None else f"{lr:.3f}"} | {r["qa_acc"]:.3f} | '
+        f'{r["english_ppl"]:.2f} | '
+        f'{"-" if ch is None else f"{ch / n * 100:.2f}%"} | '
+        f'{r.get("conflicts", "-")} | {r["eval_s"]:.0f} |')
+  return '\n'.join(out) + '\n'
+
+
+def verdicts(data: dict[str, Any]) -> str:
+  """Plain statements computed from the results."""
+  rows = data['rows']
+  a, b, src = (rows.get(k) for k in ('specialist_a', 'specialist_b',
+                                     'source'))
+  if not (a and b and src):
+    return ''
+  out = [f'- Specialists: A conlang A ppl {src["conlang_a_ppl"]:.1f} -> '
+         f'{a["conlang_a_ppl"]:.2f}, B conlang B ppl '
+         f'{src["conlang_b_ppl"]:.1f} -> {b["conlang_b_ppl"]:.2f}; each is '
+         f'poor on the other language (A on B {a["conlang_b_ppl"]:.1f}, B on '
+         f'A {b["conlang_a_ppl"]:.1f}); QA source {src["qa_acc"]:.3f}, A '
+         f'{a["qa_acc"]:.3f}, B {b["qa_acc"]:.3f}.']
+  rhos = sorted({r['rho'] for r in rows.values() if r.get('family') == 'act'})
+  for rho in rhos:
+    fam = {f: rows.get(f'{f}@{rho:g}') for f in ('act', 'random',
+                                                 'weight_diff')}
+    if not fam['act']:
+      continue
+    ratio = {f: lang_ratio(r, rows) for f, r in fam.items() if r}
+    best = min(ratio, key=ratio.get)
+    out.append(
+        f'- rho={rho:g}: lang ratio ' + ', '.join(
+            f'{f} {v:.3f}' for f, v in ratio.items()) +
+        f' (best: {best}{"" if best == "act" else "; ACT does NOT win"}); '
+        f'qa_acc ' + ', '.join(f'{f} {r["qa_acc"]:.3f}'
+                               for f, r in fam.items() if r) + '.')
+  merges = {n: r for n, r in rows.items() if r.get('family') == 'merge'}
+  if merges:
+    out.append('- Whole-model merges: ' + ', '.join(
+        f'{n} lang ratio {lang_ratio(r, rows):.3f} / qa_acc '
+        f'{r["qa_acc"]:.3f}' for n, r in sorted(merges.items())) + '.')
+  ov = data['analyses'].get('overlap', {})
+  if ov:
+    out.append('- Channel sets of A and B (Jaccard, random expectation): ' +
+               ', '.join(f'rho={r} {v["jaccard"]:.3f} ({v["random"]:.3f})'
+                         for r, v in ov.items()) + '.')
+  return '\n'.join(out) + '\n'
+
+
+def concentration_table(ana: dict[str, Any]) -> str:
+  """80%-mass channel fraction of each specialist's score."""
+  out = ['| specialist | 50% of mass | 80% of mass | 90% of mass |',
+         '|---|---|---|---|']
+  for lang, c in ana.get('concentration', {}).items():
+    out.append(f'| {lang} | ' + ' | '.join(
+        f'{c[k]["median"]:.3f} ({c[k]["q25"]:.3f}-{c[k]["q75"]:.3f})'
+        for k in ('0.50', '0.80', '0.90')) + ' |')
+  return '\n'.join(out) + '\n'
+
+
+def render(data: dict[str, Any], config, missing: list[str]) -> str:
+  """The Markdown text."""
+  info, mc = data['info'], config.merge
+  files = info['data']['a']['files']
+  n_train = files['conlang_train']['records']
+  banner = ([f'**PARTIAL RESULTS: {len(missing)} rows missing: '
+             f'{", ".join(missing)}. Resume with the same command.**', '']
+            if missing else [])
+  lines = [
+      '# Merging two SmolLM2-135M specialists: ACT against the baselines',
+      '',
+      'Generated by `act_jax.smollm2.merge_run` from the run\'s '
+      'results.json; every number below is what that command printed.',
+      '',
+  ] + banner + [
+      f'Command: `{config.report.command}`',
+      '',
+      '## Setup',
+      '',
+      f'- Source: {info["source"]} ({info["num_params"]:,} params).',
+      f'- Two constructed languages: the same {n_train} training '
+      'paragraphs of Python-stdlib prose translated '
+      f'word by word with two seeded mappings (A: seed '
+      f'{config.data.conlang_seed}, B: seed {mc.conlang_b_seed}). Specialist '
+      f'k = the source continued (scope full) on language k: '
+      f'{config.specialist.num_steps} steps x '
+      f'{config.specialist.batch_size} x {config.specialist.max_seq_len} '
+      f'tokens, lr {config.specialist.lr:g}.',
+      f'- Localization: statistics of [source, A, B] on each language\'s '
+      f'probe text (the first {mc.probe_paragraphs} training paragraphs, '
+      f'{info["probe_tokens"]["a"]} / {info["probe_tokens"]["b"]} tokens); '
+      f'specialist k\'s channels = per (layer, site) top-rho of '
+      f'`{mc.score}` between it and the source on its own language.',
+      f'- Merge: start from the source, transplant both channel sets; a '
+      f'channel claimed by both is resolved by `{mc.policy}`. `random` and '
+      '`weight_diff` choose the same number of channels per (layer, site) '
+      'and go through the same merge. Whole-model baselines: linear '
+      f'average of A and B (t={mc.lerp_t:g}), task arithmetic (lambda '
+      f'{mc.ta_lambda:g}), TIES (density {mc.ties_density:g}), DARE (drop '
+      f'{mc.dare_drop:g}).',
+      f'- Abilities: held-out perplexity on {files["conlang_eval"]["records"]}'
+      ' paragraphs of each language, English perplexity and English QA '
+      'accuracy as in the recover case (docs/results/smollm2.md). `lang '
+      'ratio` = geometric mean of the two perplexity ratios to the '
+      'specialists (1 = both as good as their specialist; lower is better).',
+      '',
+      '## What came out',
+      '',
+      verdicts(data),
+      '## Every model',
+      '',
+      main_table(data),
+      '## Concentration of each specialist\'s score',
+      '',
+      'Median (quartiles) over the 7 x L modules of the fraction of channels '
+      'holding X% of the score mass.',
+      '',
+      concentration_table(data['analyses']),
+      '## Wall time and peak memory per stage',
+      '',
+      report_lib.stage_table(data),
+  ]
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(data: dict[str, Any], config, workdir: str,
+                 missing: list[str]) -> str:
+  """Writes report.md to workdir and to `config.report.out`; returns it."""
+  text = render(data, config, missing)
+  for path in filter(None, (os.path.join(workdir, 'report.md'),
+                            config.report.out)):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  return text
