@@ -37,11 +37,13 @@ def make_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup (`warmup_frac` of `num_steps`) then linear/cosine decay.
 
   Reads `lr`, `num_steps`, `warmup_frac`, `schedule` ('cosine' | 'linear' |
-  'constant'). Decays to 0 at `num_steps`.
+  'constant') and `final_lr_frac` (absent = 0): the decay reaches
+  `final_lr_frac * lr` at `num_steps`.
   """
   steps = int(train_cfg.num_steps)
   warm = int(round(float(train_cfg.warmup_frac) * steps))
   lr = float(train_cfg.lr)
+  final = float(getattr(train_cfg, 'final_lr_frac', 0.0))
   kind = train_cfg.schedule
   if kind not in ('cosine', 'linear', 'constant'):
     raise ValueError(f'train.schedule={kind!r}: expected cosine, linear or '
@@ -49,9 +51,9 @@ def make_schedule(train_cfg) -> optax.Schedule:
   warmup = optax.linear_schedule(0.0, lr, max(warm, 1))
   rest = max(steps - warm, 1)
   if kind == 'cosine':
-    decay = optax.cosine_decay_schedule(lr, rest)
+    decay = optax.cosine_decay_schedule(lr, rest, alpha=final)
   elif kind == 'linear':
-    decay = optax.linear_schedule(lr, 0.0, rest)
+    decay = optax.linear_schedule(lr, final * lr, rest)
   else:
     decay = optax.constant_schedule(lr)
   if warm == 0:

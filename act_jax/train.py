@@ -47,6 +47,7 @@ class TrainConfig:
   lr: float = 1e-5  # peak learning rate (AdamW), per step
   warmup_frac: float = 0.03  # fraction of num_steps of linear warmup from 0
   schedule: str = 'cosine'  # decay after warmup: cosine | linear | constant
+  final_lr_frac: float = 0.0  # cosine/linear decay ends at this * lr
   weight_decay: float = 0.0  # decoupled AdamW weight decay, per step * lr
   clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
   grad_accum: int = 1  # micro-batches per step (batch_size % grad_accum == 0)
@@ -89,6 +90,7 @@ def check_train_config(train_cfg) -> TrainConfig:
       (tc.num_steps > 0, 'num_steps must be > 0'),
       (tc.lr >= 0, 'lr must be >= 0'),
       (0 <= tc.warmup_frac < 1, 'warmup_frac must be in [0, 1)'),
+      (0 <= tc.final_lr_frac <= 1, 'final_lr_frac must be in [0, 1]'),
       (tc.grad_accum >= 1, 'grad_accum must be >= 1'),
       (tc.batch_size % tc.grad_accum == 0,
        f'batch_size={tc.batch_size} is not a multiple of grad_accum='

@@ -165,6 +165,15 @@ class OptimTest(absltest.TestCase):
     c = optim.make_schedule(tcfg(num_steps=100, lr=1.0, warmup_frac=0.1))
     self.assertAlmostEqual(float(c(55)), 0.5, places=5)
     self.assertAlmostEqual(float(c(100)), 0.0, places=5)
+    # A floor: the decay ends at final_lr_frac * lr, as optax's warmup-cosine.
+    f = optim.make_schedule(tcfg(num_steps=100, lr=2.0, warmup_frac=0.05,
+                                 final_lr_frac=0.1))
+    ref = optax.warmup_cosine_decay_schedule(0.0, 2.0, 5, 100, 0.2)
+    for step in (0, 3, 5, 40, 99, 100):
+      self.assertAlmostEqual(float(f(step)), float(ref(step)), places=5)
+    lin = optim.make_schedule(tcfg(num_steps=10, lr=1.0, warmup_frac=0.0,
+                                   schedule='linear', final_lr_frac=0.5))
+    self.assertAlmostEqual(float(lin(10)), 0.5, places=5)
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, 'scope'):

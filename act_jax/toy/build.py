@@ -106,14 +106,16 @@ def train_config(toy_cfg, steps: int, lr: float,
                  seed: int) -> train.TrainConfig:
   """The toy recipe as a full-scope `train.TrainConfig`.
 
-  AdamW (b2 0.98, weight decay 0.01), 5% linear warmup, cosine decay to 0,
-  clip 1.0; no checkpoints (a model directory is the resumable unit).
+  AdamW (b2 0.98, weight decay 0.01), 5% linear warmup, cosine decay to 10%
+  of the peak lr, clip 1.0; no checkpoints (a model directory is the
+  resumable unit).
   """
   return train.TrainConfig(
       num_steps=steps, lr=lr, warmup_frac=0.05, schedule='cosine',
-      weight_decay=0.01, clip_norm=1.0, batch_size=toy_cfg.batch_size,
-      max_seq_len=toy_cfg.seq_len, scope='full', save_every=0, seed=seed,
-      log_every=max(1, steps // 5), b2=0.98)
+      final_lr_frac=0.1, weight_decay=0.01, clip_norm=1.0,
+      batch_size=toy_cfg.batch_size, max_seq_len=toy_cfg.seq_len,
+      scope='full', save_every=0, seed=seed, log_every=max(1, steps // 5),
+      b2=0.98)
 
 
 def _train(params, cfg, toy_cfg, weights, steps, lr, seed, name):
