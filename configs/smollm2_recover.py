@@ -1,4 +1,4 @@
-"""ACT recover on the real SmolLM2-135M (minimal; a later issue does the study).
+"""ACT recover on the real SmolLM2-135M: `act_jax.main` config and the study.
 
 The float32 SmolLM2-135M-Instruct HF directory is built offline by
 `act_jax.smollm2.weights.smollm2_hf_dir()` into `$ACT_JAX_CACHE` (default
@@ -15,7 +15,7 @@ ACT_METHOD.md: differences on SmolLM2 are diffuse, yet the top 20% of
 channels by activation difference restored the ability far better than
 random or weight-diff channels, hence `top_frac=0.2` here.
 
-The real-weights study (issue #7) is `get_config('case')`: the specialist is
+The real-weights study is `get_config('case')`: the specialist is
 made here (the source continued, scope full, on a constructed language until
 its English QA drops); ACT transplants the source's top channels back, with
 and without the compatibility fine-tune, against every baseline at the same

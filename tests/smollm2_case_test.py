@@ -10,11 +10,13 @@ import importlib.util
 import json
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 
-from act_jax.smollm2 import conlang, corpus, qa, run, sweep
+from act_jax import checkpoint
+from act_jax.smollm2 import conlang, corpus, models, qa, run, sweep
 import testutil
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(
@@ -86,6 +88,26 @@ class DataTest(absltest.TestCase):
     self.assertAlmostEqual(sweep.overlap(a, b)['random'], 1 / 3)
     conc = sweep.concentration({'s': np.array([[10.0, 0, 0, 0]])})
     self.assertAlmostEqual(conc['0.90']['median'], 0.25)
+
+
+class SpecialistCacheTest(absltest.TestCase):
+
+  def test_training_code_is_part_of_the_cache_key(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      src = os.path.join(tmp, 'src')
+      testutil.make_tiny_hf(src, 'llama', seed=0)
+      tok = checkpoint.load_tokenizer(src)
+      c = _toy_config(src, tmp)
+      recs = [{'text': conlang.translate('the cat sat on the mat ' * 4)}] * 4
+      args = (src, recs, tok, c.specialist, tmp, {'k': 1})
+      d1, cached1 = models.specialist(*args)
+      d2, cached2 = models.specialist(*args)
+      self.assertEqual((d1, cached1, cached2), (d2, False, True))
+      with mock.patch.object(models, 'code_digest', lambda: 'other code'):
+        d3, cached3 = models.specialist(*args)
+      self.assertNotEqual(d3, d1)
+      self.assertFalse(cached3)
+    self.assertLen(models.code_digest(), 16)
 
 
 class PipelineTest(absltest.TestCase):

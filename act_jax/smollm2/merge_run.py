@@ -120,7 +120,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   evaluate('source', src, family='source')
 
   # ----------------------------------------------------------- specialists
-  specs = []
+  specs, dirs = [], []
   for lang in LANGS:
     with m.stage('specialist_train'):
       key = {'source': config.models.source or 'smollm2-135m-instruct',
@@ -128,15 +128,22 @@ def run(config, workdir: str) -> dict[str, Any]:
       d, cached = models.specialist(src_dir, recs[lang]['conlang_train'], tok,
                                     config.specialist, config.cache_dir, key)
     res.data['info'][f'specialist_{lang}'] = {'dir': d, 'cached': cached}
+    dirs.append(os.path.basename(d))
     specs.append(checkpoint.load_model(d)[1])
-    evaluate(f'specialist_{lang}', specs[-1], family='specialist')
+  # Rows measured with other specialists (other training code) are stale.
+  if res.data['info'].get('specialist_dirs') != dirs:
+    for name in [n for n in rows if n != 'source']:
+      del rows[name]
+    res.data['info']['specialist_dirs'] = dirs
+  for lang, spec in zip(LANGS, specs):
+    evaluate(f'specialist_{lang}', spec, family='specialist')
 
   # ------------------------------------------------------------ statistics
   # [source, A, B] on each language's probe text (training paragraphs, so
   # nothing evaluated is probed); specialist k's score compares model k+1
   # with the source on its own language.
   with m.stage('statistics'):
-    stats_key = models.digest([fp, 'stats'])
+    stats_key = models.digest([fp] + dirs)
     pairs = []
     for k, lang in enumerate(LANGS):
       probe = recs[lang]['conlang_train'][:mc.probe_paragraphs]

@@ -108,20 +108,40 @@ def digest(obj: Any) -> str:
                                    default=str).encode()).hexdigest()[:16]
 
 
+# The modules whose code determines a trained specialist: a change to any of
+# them (forward pass, loss, optimizer, loop, batching, this recipe) gives a
+# new cache key, so a stale specialist is never reused.
+_TRAINING_CODE = ('model.py', 'forward.py', 'losses.py', 'optim.py',
+                  'train.py', 'data.py', 'templates.py',
+                  os.path.join('smollm2', 'models.py'))
+
+
+def code_digest() -> str:
+  """Short SHA-256 of the training code (`_TRAINING_CODE` files)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256()
+  for name in _TRAINING_CODE:
+    with open(os.path.join(root, name), 'rb') as f:
+      h.update(name.encode() + b'\0' + f.read())
+  return h.hexdigest()[:16]
+
+
 def specialist(source_path: str, records, tokenizer, train_cfg,
                cache_dir: str, key: Any) -> tuple[str, bool]:
   """The specialist's params dir, trained now unless cached.
 
   Continues the source on `records` (conlang text, loss on every token)
   with `train.finetune(scope='full')`; checkpoints in `<dir>.work` let an
-  interrupted run resume. Returns (params dir, whether it was cached).
+  interrupted run resume. The directory name digests `key`, the train
+  config and `code_digest()`. Returns (params dir, whether it was cached).
   """
   tc = train.check_train_config(train_cfg)
   if tc.scope != 'full':
     raise ValueError(f'specialist.train.scope={tc.scope!r}: the specialist '
                      "is a full continued training (scope='full')")
   out = os.path.join(cache_root(cache_dir), 'smollm2_case',
-                     f'specialist-{digest([key, dataclasses.asdict(tc)])}')
+                     'specialist-' + digest([key, dataclasses.asdict(tc),
+                                             code_digest()]))
   if os.path.isfile(os.path.join(out, checkpoint.MODEL_CONFIG)):
     return out, True
   cfg, params = checkpoint.load_model(source_path)

@@ -137,8 +137,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   # the fine-tune (rows with +ft); only data/eval changes drop everything.
   cd = config.to_dict()
   fp = models.digest({k: cd[k] for k in ('models', 'data', 'eval')})
-  spec_key = models.digest(cd['specialist'])
-  ft_key = models.digest([spec_key, cd['compat']])
+  # spec_key / ft_key also name the specialist's directory (its cache key
+  # digests the training code), set once it is known below.
+  spec_key = ft_key = None
   res = Results(os.path.join(workdir, RESULTS_FILE), fp)
   m = meter.Meter()
   for k, v in res.data['stages'].items():
@@ -204,6 +205,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                                          config.specialist,
                                          config.cache_dir, key)
   res.data['info']['specialist'] = {'dir': spec_dir, 'cached': cached}
+  spec_key = models.digest([cd['specialist'], os.path.basename(spec_dir)])
+  ft_key = models.digest([spec_key, cd['compat']])
   _, spec = checkpoint.load_model(spec_dir)
   evaluate('specialist', spec, family='specialist')
 
@@ -213,7 +216,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     half_a, half_b = sweep.probe_halves(recs['qa_train'],
                                         recs['english_probe'], tok,
                                         loc.max_seq_len, loc.batch_size)
-    stats_key = models.digest([fp, loc.max_seq_len, loc.batch_size])
+    stats_key = models.digest([fp, spec_key, loc.max_seq_len,
+                               loc.batch_size])
     pair_a, pair_b = (
         sweep.cached_pair(os.path.join(workdir, f'stats_{h}_{stats_key}.npz'),
                           lambda b=b: sweep.collect_pair(src, spec, cfg, b))
