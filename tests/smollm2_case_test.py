@@ -6,7 +6,6 @@ stage runs for real (specialist training, statistics, transplants,
 fine-tunes, baselines, analyses, report), only the sizes are small.
 """
 
-import importlib.util
 import json
 import os
 import tempfile
@@ -19,18 +18,9 @@ from act_jax import checkpoint
 from act_jax.smollm2 import conlang, corpus, models, qa, run, sweep
 import testutil
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs', 'smollm2_recover.py')
-
 
 def _toy_config(source: str, cache: str):
-  spec = importlib.util.spec_from_file_location('smollm2_recover', _CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('case_toy')
-  c.models.source = source
-  c.cache_dir = cache
-  return c
+  return testutil.toy_case_config('smollm2_recover.py', source, cache)
 
 
 class DataTest(absltest.TestCase):

@@ -6,7 +6,6 @@ real, statistics of three models are collected, and every merge is built
 and evaluated; only the sizes are small.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -17,18 +16,9 @@ from absl.testing import absltest
 from act_jax.smollm2 import merge_report, merge_run
 import testutil
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs', 'smollm2_merge.py')
-
 
 def _toy_config(source: str, cache: str):
-  spec = importlib.util.spec_from_file_location('smollm2_merge', _CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('case_toy')
-  c.models.source = source
-  c.cache_dir = cache
-  return c
+  return testutil.toy_case_config('smollm2_merge.py', source, cache)
 
 
 class MergeCaseTest(absltest.TestCase):

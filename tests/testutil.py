@@ -6,6 +6,7 @@ Everything is built offline with transformers' own classes and
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import string
 
@@ -76,3 +77,21 @@ def random_tokens(batch: int, length: int, vocab: int,
                   seed: int = 0) -> np.ndarray:
   """Deterministic token ids in [4, vocab) (no special tokens)."""
   return np.random.RandomState(seed).randint(4, vocab, (batch, length))
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+def toy_case_config(config_file: str, source: str, cache: str):
+  """`get_config('case_toy')` of `configs/<config_file>` with the source
+  checkpoint and cache directory set (the SmolLM2 cases at toy size)."""
+  path = os.path.join(CONFIGS_DIR, config_file)
+  spec = importlib.util.spec_from_file_location(
+      'act_config_' + os.path.splitext(config_file)[0], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config('case_toy')
+  c.models.source = source
+  c.cache_dir = cache
+  return c
