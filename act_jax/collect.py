@@ -1,470 +1,142 @@
-"""Activation statistics of K related models: one vmapped, sharded forward.
+"""`python -m act_jax.collect`: activation statistics of related models.
 
-`collect_stats` runs all stacked models on the same probe batches inside one
-`jax.jit`-compiled step (`forward.apply_models` with in-graph capture,
-pairwise when K >= 2, no logits) and adds each batch's per-channel sums into
-float32 accumulators that stay on device, replicated (they are small; only
-statistics are ever gathered, never weights). The batch is sharded over
-('data', 'fsdp') by the 'batch' rule, weights per `forward.logical_axes`
-with a leading 'models' axis. Every `save_every` batches the accumulators
-and the batch position are saved with orbax; a rerun resumes from the last
-save and ends with the same totals. Under jax.distributed every process
-feeds its own contiguous slice of batches into global arrays, so the sums
-are global. When K models do not fit at once, `models_per_pass=2` runs every
-pair separately and combines them (K(K-1)/2 passes).
-
-CLI (writes a stats_io directory):
   python -m act_jax.collect --models=DIR1,DIR2 --probe=probe.jsonl \
-    --out=stats/run [--template=qa --max_seq_len=256 --batch_size=8 ...]
+      --out=stats/run [--template=qa --max_seq_len=256 --batch_size=8 ...]
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      launch/local_multiprocess.sh 2 act_jax.collect <flags>
+A thin shell over `act.collect.collect_stats` (what the pipeline's collect
+stage runs); flags are named as the config fields (`collect.*`, and the
+ability's rendering fields). Writes an `io.stats` directory; every
+`--save_every` batches the sums are checkpointed beside it (`OUT.ckpt`) and
+a rerun resumes.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
-import json
 import os
 import time
-from typing import Any, Iterable, Sequence
 
+from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from act_jax import capture as capture_lib
-from act_jax import forward
-from act_jax import sharding
-from act_jax.model_config import ModelConfig
+import act_jax
+from act_jax import cli
+from act_jax import data
+from act_jax import distributed
+from act_jax.act import collect as collect_lib
+from act_jax.io import atomic
+from act_jax.io import models as models_io
+from act_jax.io import stats as stats_io
+from act_jax.model import capture
+from act_jax.model import sharding
+from act_jax.pipeline import jobs
 
-Batch = dict[str, np.ndarray]
-_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt', 'positions_bt',
-         'segment_ids_bt')
-
-
-def _is_stacked(params, cfg: ModelConfig) -> bool:
-  emb = params['embed_tokens']['embedding']
-  return emb.ndim == forward.abstract_params(cfg)['embed_tokens'][
-      'embedding'].ndim + 1
+_RENDER = ('template', 'qa_format', 'text_field', 'prompt_field',
+           'response_field', 'probe_pack')
 
 
-def accumulator_shapes(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
-                       num_models: int) -> dict[str, Any]:
-  """ShapeDtypeStructs of the device accumulators (apply_models layout)."""
-  m, l = num_models, cfg.num_layers
-  tree: dict[str, Any] = {}
-  for site in spec.sites:
-    c = capture_lib.site_channels(cfg, site)
-    tree[site] = {s: jax.ShapeDtypeStruct((m, l, c), jnp.float32)
-                  for s in capture_lib.STAT_NAMES}
-    if spec.pairwise:
-      tree[site]['pair_abs_diff'] = jax.ShapeDtypeStruct((m, l, m, c),
-                                                         jnp.float32)
-  tree['count'] = jax.ShapeDtypeStruct((m,), jnp.int32)
-  return tree
+def define_flags() -> None:
+  """The CLI's flags (its own first; config-field names)."""
+  flags.DEFINE_list('models', None, 'Comma-separated model dirs (HF or params).')
+  flags.DEFINE_string('probe', None, 'Probe set: jsonl/json/parquet/txt file, '
+                      'saved dataset dir, or Hub name.')
+  flags.DEFINE_string('out', None, 'Output statistics directory.')
+  flags.DEFINE_string('tokenizer', None, 'Tokenizer dir (default: the first '
+                      'model).')
+  flags.DEFINE_string('split', 'train', 'Dataset split (dirs and Hub names).')
+  flags.DEFINE_enum('overflow', 'truncate', ['truncate', 'chunk', 'error'],
+                    'Texts longer than max_seq_len: truncate (counted), '
+                    'chunk or fail.')
+  flags.DEFINE_list('mesh_shape', ['-1', '1', '1'], 'Mesh (data, fsdp, '
+                    'tensor).')
+  flags.DEFINE_string('models_axis', None, 'Mesh axis to shard the models '
+                      'axis over (e.g. tensor) when K models do not fit one '
+                      'device.')
+  flags.DEFINE_integer('models_per_pass', 0, '0 = all models in one pass; 2 = '
+                       'run each pair separately and combine.')
+  flags.DEFINE_float('throttle_s', 0.0, 'Sleep after each batch (testing '
+                     'resume on a fast machine; sharing a busy one).')
+  flags.DEFINE_integer('shuffle_seed', None, 'Shuffle records with this seed.')
+  cli.define_section_flags(jobs.CollectConfig,
+                           defaults={'max_seq_len': 256, 'dtype': ''})
+  cli.define_section_flags(jobs.AbilityConfig, only=_RENDER,
+                           defaults={'template': 'text'})
 
 
-def _accumulate(acc, stats):
-  out = jax.tree.map(jnp.add, {k: v for k, v in acc.items() if k != 'count'},
-                     {k: v for k, v in stats.items() if k != 'count'})
-  out['count'] = acc['count'] + jnp.round(stats['count']).astype(jnp.int32)
-  return out
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """A replicated global array's value on this host (no collective)."""
-  return np.asarray(x.addressable_data(0))
-
-
-def _to_artifact(acc_host: dict[str, Any],
-                 spec: capture_lib.CaptureSpec) -> dict[str, np.ndarray]:
-  """Flat `<site>/<stat>` arrays; pair_abs_diff [M,L,M,C] -> [M,M,L,C]."""
-  flat = {'count': np.asarray(acc_host['count'], np.int64)}
-  for site in spec.sites:
-    for stat, v in acc_host[site].items():
-      v = np.asarray(v, np.float32)
-      flat[f'{site}/{stat}'] = (v.transpose(0, 2, 1, 3)
-                                if stat == 'pair_abs_diff' else v)
-  return flat
-
-
-def _place(x, sharding_) -> jax.Array:
-  """Puts a host-or-device array onto a (possibly multi-process) sharding."""
-  if isinstance(x, jax.Array) and x.sharding == sharding_:
-    return x
-  host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding_,
-                                      lambda idx: host[idx])
-
-
-class _Checkpointer:
-  """Orbax CheckpointManager for (accumulators, batch position)."""
-
-  def __init__(self, ckpt_dir: str, fingerprint: str):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    self._ocp = ocp
-    self.fingerprint = fingerprint
-    self.mgr = ocp.CheckpointManager(
-        os.path.abspath(ckpt_dir),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-  def restore(self, abstract_acc) -> tuple[int, Any] | None:
-    step = self.mgr.latest_step()
-    if step is None:
-      return None
-    ocp = self._ocp
-    got = self.mgr.restore(step, args=ocp.args.Composite(
-        acc=ocp.args.StandardRestore(abstract_acc),
-        meta=ocp.args.JsonRestore()))
-    if got['meta']['fingerprint'] != self.fingerprint:
-      raise ValueError(
-          f'{self.mgr.directory}: checkpoint belongs to a different run '
-          '(models, probe, shapes or sites differ); remove it or choose '
-          'another output directory')
-    return int(got['meta']['batch']), got['acc']
-
-  def save(self, batch: int, acc) -> None:
-    ocp = self._ocp
-    self.mgr.save(batch, args=ocp.args.Composite(
-        acc=ocp.args.StandardSave(acc),
-        meta=ocp.args.JsonSave({'batch': batch,
-                                'fingerprint': self.fingerprint})))
-
-  def close(self) -> None:
-    self.mgr.wait_until_finished()
-    self.mgr.close()
-
-
-def _fingerprint(cfg, spec, num_models, global_shape, num_batches, extra):
-  blob = json.dumps([cfg.to_dict(), spec.sites, spec.pairwise, num_models,
-                     global_shape, num_batches, jax.process_count(), extra],
-                    sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
-              mesh: jax.sharding.Mesh, rules, num_models: int,
-              global_shape: tuple[int, int]):
-  """The jitted step and its shardings (cached: reruns do not recompile)."""
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_models,) + x.shape, x.dtype),
-      forward.abstract_params(cfg))
-  param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
-                                     abstract, rules, prefix=('models',))
-  rep = sharding.replicated(mesh)
-  shapes = accumulator_shapes(cfg, spec, num_models)
-  acc_sh = jax.tree.map(lambda _: rep, shapes)
-  batch_sh = sharding.named_sharding(mesh, ('batch', 'length'), global_shape,
-                                     rules)
-
-  def step(acc, params, batch):
-    with sharding.activation_sharding(mesh, rules):
-      out = forward.apply_models(
-          params, batch['tokens_bt'], cfg,
-          attention_mask_bt=batch['attention_mask_bt'],
-          positions_bt=batch['positions_bt'],
-          token_mask_bt=batch['token_mask_bt'],
-          segment_ids_bt=batch['segment_ids_bt'], capture=spec,
-          compute_logits=False)
-    return _accumulate(acc, out.stats)
-
-  step_fn = jax.jit(step, in_shardings=(acc_sh, param_sh,
-                                        {k: batch_sh for k in _KEYS}),
-                    out_shardings=acc_sh, donate_argnums=0)
-  zeros = jax.jit(lambda: jax.tree.map(
-      lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=acc_sh)
-  return step_fn, zeros, param_sh, batch_sh, acc_sh, shapes
-
-
-def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
-              num_batches, fingerprint, throttle_s, log_every_s):
-  """One pass over the local batches for one stack of models."""
-  num_models = jax.tree.leaves(stacked)[0].shape[0]
-  it = iter(batches)
-  first = next(it, None)
-  if first is None:
-    raise ValueError('collect_stats: no probe batches')
-  local_b, seq = first['tokens_bt'].shape
-  global_shape = (local_b * jax.process_count(), seq)
-  step_fn, zeros, param_sh, batch_sh, acc_sh, shapes = _compiled(
-      cfg, spec, mesh, tuple(rules), num_models, global_shape)
-  stacked = jax.tree.map(_place, stacked, param_sh)
-  fp = _fingerprint(cfg, spec, num_models, global_shape, num_batches,
-                    fingerprint)
-
-  ckpt = _Checkpointer(ckpt_dir, fp) if ckpt_dir else None
-  start, acc = 0, None
-  if ckpt is not None:
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, acc_sh)
-    got = ckpt.restore(abstract)
-    if got is not None:
-      start, acc = got
-      logging.info('resumed from batch %d of %s (%s)', start, num_batches,
-                   ckpt_dir)
-  if acc is None:
-    acc = zeros()
-
-  t0, last_log, tokens, done = time.time(), 0.0, 0, 0
-  for i, batch in enumerate(itertools.chain([first], it)):
-    if i < start:
-      continue
-    batch = dict(batch)
-    batch.setdefault('segment_ids_bt', batch['attention_mask_bt'])
-    gbatch = {k: jax.make_array_from_process_local_data(
-        batch_sh, np.asarray(batch[k], np.int32), global_shape)
-              for k in _KEYS}
-    acc = step_fn(acc, stacked, gbatch)
-    done += 1
-    tokens += int(np.sum(batch['attention_mask_bt'])) * jax.process_count()
-    if ckpt is not None and save_every and (i + 1) % save_every == 0:
-      ckpt.save(i + 1, acc)
-    now = time.time()
-    if now - last_log >= log_every_s or (num_batches and i + 1 ==
-                                           num_batches):
-      jax.block_until_ready(acc)
-      now, last_log = time.time(), time.time()
-      rate = tokens / max(now - t0, 1e-9)
-      eta = ((num_batches - i - 1) * (now - t0) / done
-             if num_batches else float('nan'))
-      logging.info('collect: batch %d/%s, %d models, %.0f tokens/s, '
-                   'ETA %.0fs', i + 1, num_batches or '?', num_models,
-                   rate, eta)
-    if throttle_s:
-      time.sleep(throttle_s)
-  acc_host = jax.tree.map(_host, acc)
-  if ckpt is not None:
-    ckpt.close()
-  return acc_host
-
-
-def collect_stats(params: Sequence[Any] | Any,
-                  cfg: ModelConfig,
-                  batches: Iterable[Batch],
-                  spec: capture_lib.CaptureSpec | None = None,
-                  *,
-                  mesh: jax.sharding.Mesh | None = None,
-                  rules=sharding.DEFAULT_RULES,
-                  ckpt_dir: str | None = None,
-                  save_every: int = 50,
-                  num_batches: int | None = None,
-                  models_per_pass: int = 0,
-                  fingerprint: Any = None,
-                  throttle_s: float = 0.0,
-                  log_every_s: float = 30.0) -> dict[str, np.ndarray]:
-  """Accumulates activation statistics of related models over `batches`.
-
-  Args:
-    params: a list of K param trees, or one stacked tree (leading [K]).
-    cfg: their common ModelConfig (cfg.dtype is the compute dtype).
-    batches: this process's batches (data.local_batches), each a dict of
-      int32 `[B, T]` numpy arrays (tokens_bt, attention_mask_bt,
-      token_mask_bt, positions_bt). Must be re-iterable if models_per_pass.
-    spec: sites to capture (default OUTPUT_SITES); pairwise is set from K.
-    mesh: device mesh (default: all devices on 'data').
-    rules: logical axis rules; add ('models', 'tensor') etc. to shard the
-      models axis when the K models do not fit one device.
-    ckpt_dir: orbax directory for resumable runs (None: no checkpoints).
-    save_every: save accumulators every this many batches.
-    num_batches: number of batches (for ETA; defaults to len(batches)).
-    models_per_pass: 0 = all K at once; 2 = every pair in its own pass,
-      combined (for K models that do not fit together).
-    fingerprint: anything JSON-able identifying the run (checked on resume).
-    throttle_s: sleep after each batch (tests; sharing a busy machine).
-    log_every_s: progress log interval.
-
-  Returns:
-    Flat host arrays in the artifact layout: `<site>/sum|sum_abs|sum_sq`
-    `[K, L, C]` float32, `<site>/pair_abs_diff` `[K, K, L, C]` (K >= 2),
-    `count [K]` int64. Identical on every process.
-  """
-  spec = spec or capture_lib.CaptureSpec()
-  if mesh is None:
-    mesh = sharding.make_mesh()
-  if num_batches is None and hasattr(batches, '__len__'):
-    num_batches = len(batches)  # type: ignore[arg-type]
-  if isinstance(params, (list, tuple)):
-    models = list(params)
-    stacked = None
-  elif _is_stacked(params, cfg):
-    models, stacked = None, params
-  else:
-    models, stacked = [params], None
-  k = len(models) if models is not None else jax.tree.leaves(stacked)[
-      0].shape[0]
-  kw = dict(mesh=mesh, rules=rules, save_every=save_every,
-            num_batches=num_batches, throttle_s=throttle_s,
-            log_every_s=log_every_s)
-  if not models_per_pass or models_per_pass >= k:
-    if stacked is None:
-      stacked = forward.stack_params(models)
-    spec_k = capture_lib.CaptureSpec(spec.sites, pairwise=k >= 2)
-    acc = _run_pass(stacked, cfg, batches, spec_k, ckpt_dir=ckpt_dir,
-                    fingerprint=fingerprint, **kw)
-    return _to_artifact(acc, spec_k)
-  if models_per_pass != 2:
-    raise ValueError(f'models_per_pass={models_per_pass}: only 0 (all) and 2 '
-                     '(pairs) are implemented')
-  if not isinstance(batches, Sequence):
-    raise ValueError('models_per_pass=2 needs a re-iterable batch list')
-  if models is None:
-    models = [forward.unstack_params(stacked, i) for i in range(k)]
-  pair_spec = capture_lib.CaptureSpec(spec.sites, pairwise=True)
-  out: dict[str, np.ndarray] = {}
-  for i, j in itertools.combinations(range(k), 2):
-    sub = os.path.join(ckpt_dir, f'pair{i}-{j}') if ckpt_dir else None
-    acc = _to_artifact(
-        _run_pass(forward.stack_params([models[i], models[j]]), cfg, batches,
-                  pair_spec, ckpt_dir=sub,
-                  fingerprint=[fingerprint, i, j], **kw), pair_spec)
-    if not out:
-      out = {key: np.zeros((k,) + v.shape[1:] if 'pair' not in key else
-                           (k, k) + v.shape[2:], v.dtype)
-             for key, v in acc.items()}
-    for key, v in acc.items():
-      if key.endswith('pair_abs_diff'):
-        out[key][i, j], out[key][j, i] = v[0, 1], v[1, 0]
-      else:  # per-model stats: the first pass holding a model sets them
-        out[key][i], out[key][j] = v[0], v[1]
-  return out
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-
-def _define_flags():
-  """absl flags of the CLI (defined lazily so importing is side-effect free
-  apart from act_jax.distributed's own flags)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  f = flags
-  f.DEFINE_list('models', None, 'Comma-separated model dirs (HF or params).')
-  f.DEFINE_string('probe', None, 'Probe set: jsonl/json/parquet/txt file, '
-                  'saved dataset dir, or Hub name.')
-  f.DEFINE_string('out', None, 'Output statistics directory.')
-  f.DEFINE_string('tokenizer', None, 'Tokenizer dir (default: first model).')
-  f.DEFINE_string('template', 'text', 'text | qa | chat.')
-  f.DEFINE_string('field', 'text', "Text field for template 'text'.")
-  f.DEFINE_string('prompt_field', 'question', "Prompt field ('qa', 'chat').")
-  f.DEFINE_string('response_field', 'answer', "Response field ('qa', 'chat').")
-  f.DEFINE_string('qa_format', None, "Join format for 'qa' (default "
-                  "'Question: {prompt}\\nAnswer: {response}').")
-  f.DEFINE_string('split', 'train', 'Dataset split (dirs and Hub names).')
-  f.DEFINE_integer('limit', 0, 'Use only the first N records (0 = all).')
-  f.DEFINE_integer('max_seq_len', 256, 'Tokens per row (T).')
-  f.DEFINE_integer('batch_size', 8, 'Rows per batch per process (B).')
-  f.DEFINE_bool('pack', False, 'Pack several texts per row.')
-  f.DEFINE_enum('overflow', 'truncate', ['truncate', 'error'],
-                'Texts longer than max_seq_len: truncate (counted) or fail.')
-  f.DEFINE_enum('count_tokens', 'all', ['all', 'response'],
-                'Which tokens the statistics count.')
-  f.DEFINE_list('sites', list(capture_lib.OUTPUT_SITES),
-                'Capture sites (capture.ALL_SITES).')
-  f.DEFINE_list('mesh_shape', ['-1', '1', '1'], 'Mesh (data, fsdp, tensor).')
-  f.DEFINE_string('models_axis', None, 'Mesh axis to shard the models axis '
-                  'over (e.g. tensor) when K models do not fit one device.')
-  f.DEFINE_integer('models_per_pass', 0, '0 = all models in one pass; 2 = '
-                   'run each pair separately and combine.')
-  f.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
-                'Cast params and compute to this dtype (default: as saved).')
-  f.DEFINE_integer('save_every', 50, 'Checkpoint every N batches (0 = off).')
-  f.DEFINE_float('throttle_s', 0.0, 'Sleep after each batch (testing resume '
-                 'on a fast machine; sharing a busy one).')
-  f.DEFINE_integer('shuffle_seed', None, 'Shuffle records with this seed.')
-  return flags.FLAGS
-
-
-def run_cli(flags_) -> str | None:
+def run_cli(fl) -> str | None:
   """The CLI body; returns the statistics dir (process 0) or None."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import act_jax  # pylint: disable=g-import-not-at-top
-  from act_jax import collect_inputs, data, distributed, stats_io  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from act_jax import templates  # pylint: disable=g-import-not-at-top
-
-  distributed.maybe_initialize()
   for name in ('models', 'probe', 'out'):
-    if not getattr(flags_, name):
-      raise ValueError(f'--{name} is required')
-  paths = list(flags_.models)
-  spec = capture_lib.CaptureSpec(tuple(flags_.sites))
-  tok_path = flags_.tokenizer or paths[0]
-  tokenizer = collect_inputs.load_tokenizer(tok_path)
-  cfgs = [collect_inputs.load_config(p) for p in paths]
-  collect_inputs.check_same_architecture(paths, cfgs)
-  collect_inputs.check_tokenizers(tokenizer, tok_path, paths, cfgs[0])
+    if not getattr(fl, name):
+      raise jobs.ConfigError(f'--{name} is required')
+  paths = list(fl.models)
+  sites = [s.strip() for s in fl.sites.split(',')] if fl.sites else list(
+      capture.OUTPUT_SITES)
+  spec = capture.CaptureSpec(tuple(sites))
+  tok_path = fl.tokenizer or paths[0]
+  models_io.check_related(paths)
+  tokenizer = models_io.load_tokenizer(tok_path)
+  cfg0 = models_io.load_config(paths[0])
+  models_io.check_tokenizer_fits(tokenizer, tok_path, cfg0)
   dcfg = data.DataConfig(
-      path=flags_.probe, split=flags_.split, template=flags_.template,
-      text_field=flags_.field, prompt_field=flags_.prompt_field,
-      response_field=flags_.response_field,
-      qa_format=flags_.qa_format or templates.DEFAULT_QA_FORMAT,
-      max_seq_len=flags_.max_seq_len, batch_size=flags_.batch_size,
-      pack=flags_.pack, loss_on=flags_.count_tokens, overflow=flags_.overflow,
-      shuffle_seed=flags_.shuffle_seed, limit=flags_.limit)
+      path=fl.probe, split=fl.split, template=fl.template,
+      text_field=fl.text_field, prompt_field=fl.prompt_field,
+      response_field=fl.response_field, qa_format=fl.qa_format,
+      max_seq_len=fl.max_seq_len, batch_size=fl.batch_size,
+      pack=fl.probe_pack, loss_on=fl.count_tokens, overflow=fl.overflow,
+      shuffle_seed=fl.shuffle_seed, limit=fl.num_probe)
   batches, info = data.load_batches(dcfg, tokenizer)
   mine = data.local_batches(batches, jax.process_index(), jax.process_count())
-  cfg, params = collect_inputs.load_related_models(paths, flags_.dtype)
+  cfg, params = models_io.load_related(paths, fl.dtype or None)
 
   rules = sharding.DEFAULT_RULES
-  if flags_.models_axis:
+  if fl.models_axis:
     rules = tuple((k, v) for k, v in rules if k != 'models') + (
-        ('models', flags_.models_axis),)
-  mesh = sharding.make_mesh([int(s) for s in flags_.mesh_shape])
-  out = os.path.abspath(flags_.out)
-  ckpt_dir = out + '.ckpt' if flags_.save_every else None
+        ('models', fl.models_axis),)
+  mesh = sharding.make_mesh([int(s) for s in fl.mesh_shape])
+  out = os.path.abspath(fl.out)
+  ckpt_dir = out + '.ckpt' if fl.save_every else None
   fingerprint = {'models': [os.path.abspath(p) for p in paths], 'probe': info}
   t0 = time.time()
-  flat = collect_stats(params, cfg, mine, spec, mesh=mesh, rules=rules,
-                       ckpt_dir=ckpt_dir, save_every=flags_.save_every,
-                       num_batches=len(mine),
-                       models_per_pass=flags_.models_per_pass,
-                       fingerprint=fingerprint, throttle_s=flags_.throttle_s)
+  flat = collect_lib.collect_stats(
+      params, cfg, mine, spec, mesh=mesh, rules=rules, ckpt_dir=ckpt_dir,
+      save_every=fl.save_every, num_batches=len(mine),
+      models_per_pass=fl.models_per_pass, fingerprint=fingerprint,
+      throttle_s=fl.throttle_s)
   seconds = time.time() - t0
-  manifest = {
-      'models': [{'path': os.path.abspath(p)} for p in paths],
-      'model_config': cfg.to_dict(),
-      'tokenizer': os.path.abspath(tok_path),
-      'probe': info,
-      'num_tokens': int(flat['count'][0]),
-      'num_truncated': info['num_truncated'],
-      'sites': list(spec.sites),
-      'channels': {s: capture_lib.site_channels(cfg, s) for s in spec.sites},
-      'num_layers': cfg.num_layers,
-      'pairwise': len(paths) >= 2,
-      'dtype': cfg.dtype,
-      'max_seq_len': dcfg.max_seq_len,
-      'batch_size': dcfg.batch_size * jax.process_count(),
-      'capture': {'count_tokens': dcfg.loss_on,
-                  'models_per_pass': flags_.models_per_pass,
-                  'mesh_shape': dict(mesh.shape),
-                  'process_count': jax.process_count()},
-      'seconds': round(seconds, 3),
-      'act_jax_version': act_jax.__version__,
-  }
+  manifest = stats_io.make_manifest(
+      paths, cfg, spec.sites, info, flat,
+      tokenizer=os.path.abspath(tok_path),
+      num_truncated=info['num_truncated'], max_seq_len=dcfg.max_seq_len,
+      batch_size=dcfg.batch_size * jax.process_count(),
+      capture={'count_tokens': dcfg.loss_on,
+               'models_per_pass': fl.models_per_pass,
+               'mesh_shape': dict(mesh.shape),
+               'process_count': jax.process_count()},
+      seconds=round(seconds, 3), act_jax_version=act_jax.__version__)
   result = None
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     result = stats_io.save_stats(out, flat, manifest)
     if ckpt_dir:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      atomic.remove_tree(ckpt_dir)
     logging.info('wrote %s (%d tokens, %d truncated texts, %.1fs)', out,
                  manifest['num_tokens'], info['num_truncated'], seconds)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('act_jax.collect done')
+  distributed.barrier('act_jax.collect done')
   return result
 
 
 def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise jobs.ConfigError(f'unexpected arguments {argv[1:]}')
+  distributed.maybe_initialize()
   run_cli(flags.FLAGS)
 
 
+def console():
+  """The `act-jax-collect` console script."""
+  define_flags()
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from act_jax import distributed as _distributed  # noqa: F401  (its flags)
-  _define_flags()
-  app.run(main)
+  console()

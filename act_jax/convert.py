@@ -5,7 +5,7 @@
   python -m act_jax.convert --to_hf --params_dir=IN --hf_dir=OUT \
       [--max_shard_bytes=1073741824]
 
-HF -> params reads config.json + safetensors strictly (see hf_convert.py) and
+HF -> params reads config.json + safetensors strictly (see hf.py) and
 writes model_config.json, hf_config.json, tokenizer files and an orbax
 `params/` checkpoint. --to_hf writes sharded safetensors, config.json (the
 source config.json's other fields kept), tokenizer files and a README.md.
@@ -21,8 +21,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from act_jax import checkpoint, hf_convert, hf_export
-from act_jax.model_config import ModelConfig
+from act_jax import cli
+from act_jax.io import hf
+from act_jax.io import params as params_io
+from act_jax.model.config import ModelConfig
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory '
                               '(input, or output with --to_hf).')
@@ -47,9 +49,9 @@ def convert_hf_to_params(hf_dir: str, params_dir: str, *,
   if os.path.exists(params_dir) and not overwrite:
     raise FileExistsError(f'{params_dir}: output already exists')
   start = time.time()
-  hf_config = hf_convert.read_hf_config_dict(hf_dir)
-  cfg, params = hf_convert.load_hf_params(hf_dir, param_dtype=param_dtype)
-  checkpoint.save_params_dir(
+  hf_config = hf.read_hf_config_dict(hf_dir)
+  cfg, params = hf.load_hf_params(hf_dir, param_dtype=param_dtype)
+  params_io.save_params_dir(
       params_dir, params, cfg, tokenizer_dir=hf_dir, hf_config=hf_config,
       meta={'source': os.path.abspath(hf_dir), 'format': 'hf'},
       overwrite=overwrite)
@@ -66,11 +68,11 @@ def convert_params_to_hf(params_dir: str, hf_dir: str, *,
   if os.path.exists(hf_dir) and not overwrite:
     raise FileExistsError(f'{hf_dir}: output already exists')
   start = time.time()
-  cfg, params = checkpoint.load_params_dir(params_dir, param_dtype=param_dtype)
-  hf_export.save_hf(params, cfg, hf_dir,
-                    hf_config=checkpoint.load_hf_config_dict(params_dir),
-                    tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
-                    overwrite=overwrite)
+  cfg, params = params_io.load_params_dir(params_dir, param_dtype=param_dtype)
+  hf.save_hf(params, cfg, hf_dir,
+             hf_config=params_io.load_hf_config_dict(params_dir),
+             tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
+             overwrite=overwrite)
   logging.info('converted %s -> %s in %.1f s', params_dir, hf_dir,
                time.time() - start)
   return cfg
@@ -106,5 +108,10 @@ def main(argv):
                          overwrite=_OVERWRITE.value)
 
 
+def console():
+  """The `act-jax-convert` console script."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console()

@@ -23,14 +23,17 @@ Rows are right-padded; a final partial batch is filled with empty rows
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from absl import logging
 import numpy as np
 
-from act_jax import templates
+from act_jax.io import atomic
 
+
+OVERFLOWS = ('truncate', 'chunk', 'error')
 BATCH_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt',
               'positions_bt', 'segment_ids_bt')
 _EXT_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
@@ -41,22 +44,90 @@ class DataError(ValueError):
   """Bad data input; the message names the file, field or option."""
 
 
+# -------------------------------------------------------------- rendering
+
+TEMPLATES = ('text', 'qa', 'chat')
+DEFAULT_QA_FORMAT = 'Question: {prompt}\nAnswer: {response}'
+
+
+class TemplateError(ValueError):
+  """A record or template that cannot be rendered; names source and field."""
+
+
+def required_fields(template: str, text_field: str, prompt_field: str,
+                    response_field: str) -> tuple[str, ...]:
+  """The record fields `template` reads."""
+  if template == 'text':
+    return (text_field,)
+  if template in ('qa', 'chat'):
+    return (prompt_field, response_field)
+  raise TemplateError(f'unknown template {template!r}; known: '
+                      f'{", ".join(TEMPLATES)}')
+
+
+def check_qa_format(qa_format: str) -> None:
+  """Raises TemplateError unless `qa_format` has {prompt} before {response}."""
+  p, r = qa_format.find('{prompt}'), qa_format.find('{response}')
+  if p < 0 or r < 0 or r < p:
+    raise TemplateError(f'qa_format {qa_format!r} must contain {{prompt}} '
+                        'followed by {response}')
+
+
+def render(record: dict[str, Any], template: str, *, text_field: str = 'text',
+           prompt_field: str = 'question', response_field: str = 'answer',
+           qa_format: str = DEFAULT_QA_FORMAT,
+           tokenizer: Any = None) -> tuple[str, int]:
+  """Renders one record.
+
+  Returns:
+    (text, response_start): the full text and the character offset at which
+    the response begins (0 for 'text': every token is response).
+  """
+  if template == 'text':
+    return str(record[text_field]), 0
+  prompt, response = str(record[prompt_field]), str(record[response_field])
+  if template == 'qa':
+    head, tail = qa_format.split('{response}', 1)
+    head = head.replace('{prompt}', prompt)
+    tail = tail.replace('{prompt}', prompt)
+    return head + response + tail, len(head)
+  if template == 'chat':
+    if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
+      raise TemplateError("template 'chat' needs a tokenizer with a chat "
+                          'template (tokenizer_config.json chat_template)')
+    user = [{'role': 'user', 'content': prompt}]
+    full = user + [{'role': 'assistant', 'content': response}]
+    head = tokenizer.apply_chat_template(user, tokenize=False,
+                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(full, tokenize=False)
+    if not text.startswith(head):
+      raise TemplateError('chat template: the prompt-only rendering is not a '
+                          'prefix of the full conversation; cannot locate '
+                          'the response')
+    return text, len(head)
+  raise TemplateError(f'unknown template {template!r}; known: '
+                      f'{", ".join(TEMPLATES)}')
+
+
+# ---------------------------------------------------------------- batches
+
+
 @dataclasses.dataclass
 class DataConfig:
   """How to turn a data source into batches (ml_collections-friendly)."""
 
   path: str = ''  # file, saved dataset dir, or Hub name
   split: str = 'train'  # dataset split (Hub names and saved DatasetDicts)
-  template: str = 'text'  # text | qa | chat (see templates.py)
+  template: str = 'text'  # text | qa | chat (see data.py)
   text_field: str = 'text'  # field read by template 'text'
   prompt_field: str = 'question'  # prompt field for 'qa' and 'chat'
   response_field: str = 'answer'  # response field for 'qa' and 'chat'
-  qa_format: str = templates.DEFAULT_QA_FORMAT  # 'qa' join format
+  qa_format: str = DEFAULT_QA_FORMAT  # 'qa' join format
   max_seq_len: int = 128  # T, tokens per row
   batch_size: int = 8  # B, rows per (per-process) batch
   pack: bool = False  # pack several texts per row (attention crosses them)
   loss_on: str = 'all'  # which tokens count: all | response
-  overflow: str = 'truncate'  # texts longer than T: truncate | error
+  overflow: str = 'truncate'  # texts longer than T: truncate | chunk | error
   add_special_tokens: bool = True  # tokenizer's BOS etc. ('text' and 'qa')
   add_eos: bool = False  # append the EOS token (SFT)
   shuffle_seed: int | None = None  # None keeps file order
@@ -91,6 +162,9 @@ def load_records(path: str, split: str = 'train',
           raise DataError(f'{path}: no split {split!r}; splits: '
                           f'{sorted(ds)}')
         ds = ds[split]
+    elif os.path.isfile(path) and path.lower().endswith('.jsonl'):
+      records = read_jsonl(path)
+      return records[:limit] if limit else records
     elif os.path.isfile(path):
       ext = os.path.splitext(path)[1].lower()
       if ext not in _EXT_BUILDERS:
@@ -118,6 +192,37 @@ def load_records(path: str, split: str = 'train',
   return records
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSONL file, exactly as written (no type coercion).
+
+  Raises:
+    DataError naming the file and line of a record that is not a JSON
+    object, or an empty file.
+  """
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{path}: line {n} is not JSON ({e.msg})') from None
+      if not isinstance(rec, dict):
+        raise DataError(f'{path}: line {n} is not a JSON object')
+      out.append(rec)
+  if not out:
+    raise DataError(f'{path}: the data file is empty (no records)')
+  return out
+
+
+def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
+  """Writes records as JSONL, atomically; returns `path`."""
+  return atomic.write_text(path, ''.join(
+      json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n'
+      for r in records))
+
+
 def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
                  source: str = '') -> None:
   """Raises DataError naming the missing field, the source and those present.
@@ -129,15 +234,15 @@ def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
     raise DataError(f'{source}: the data set is empty (no records)')
   if cfg.loss_on not in ('all', 'response'):
     raise DataError(f"loss_on={cfg.loss_on!r}: expected 'all' or 'response'")
-  if cfg.overflow not in ('truncate', 'error'):
-    raise DataError(f"overflow={cfg.overflow!r}: expected 'truncate' or "
-                    "'error'")
+  if cfg.overflow not in OVERFLOWS:
+    raise DataError(f'overflow={cfg.overflow!r}: expected one of '
+                    f'{", ".join(OVERFLOWS)}')
   try:
-    fields = templates.required_fields(cfg.template, cfg.text_field,
-                                       cfg.prompt_field, cfg.response_field)
+    fields = required_fields(cfg.template, cfg.text_field,
+                             cfg.prompt_field, cfg.response_field)
     if cfg.template == 'qa':
-      templates.check_qa_format(cfg.qa_format)
-  except templates.TemplateError as e:
+      check_qa_format(cfg.qa_format)
+  except TemplateError as e:
     raise DataError(f'{source}: {e}') from e
   for i, rec in enumerate(records):
     for f in fields:
@@ -163,11 +268,11 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
   specials = cfg.add_special_tokens and cfg.template != 'chat'
   for i in order:
     try:
-      text, start = templates.render(
+      text, start = render(
           records[i], cfg.template, text_field=cfg.text_field,
           prompt_field=cfg.prompt_field, response_field=cfg.response_field,
           qa_format=cfg.qa_format, tokenizer=tokenizer)
-    except templates.TemplateError as e:
+    except TemplateError as e:
       raise DataError(f'{source}: record {i}: {e}') from e
     enc = tokenizer(text, add_special_tokens=specials,
                     return_offsets_mapping=True)
@@ -176,17 +281,22 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
     if cfg.add_eos and tokenizer.eos_token_id is not None:
       ids.append(tokenizer.eos_token_id)
       resp.append(1)
-    if len(ids) > cfg.max_seq_len:
-      if cfg.overflow == 'error':
-        raise DataError(
-            f'{source}: record {i} has {len(ids)} tokens > max_seq_len='
-            f'{cfg.max_seq_len} (use overflow=truncate or a longer '
-            'max_seq_len)')
-      truncated += 1
-      ids, resp = ids[:cfg.max_seq_len], resp[:cfg.max_seq_len]
-    kept += len(ids)
-    examples.append(Example(np.asarray(ids, np.int32),
-                            np.asarray(resp, np.int32)))
+    ids, resp = np.asarray(ids, np.int32), np.asarray(resp, np.int32)
+    t = cfg.max_seq_len
+    if len(ids) > t and cfg.overflow == 'error':
+      raise DataError(
+          f'{source}: record {i} has {len(ids)} tokens > max_seq_len={t} '
+          '(use overflow=truncate or chunk, or a longer max_seq_len)')
+    if len(ids) > t and cfg.overflow == 'chunk':
+      # Long plain text is cut into rows of T tokens (a 1-token piece has no
+      # target and is dropped), so no token of the text is thrown away.
+      pieces = [Example(ids[j:j + t], resp[j:j + t])
+                for j in range(0, len(ids), t) if len(ids[j:j + t]) > 1]
+    else:
+      truncated += int(len(ids) > t)
+      pieces = [Example(ids[:t], resp[:t])]
+    kept += sum(len(x.ids) for x in pieces)
+    examples.extend(pieces)
   if truncated:
     logging.warning('%s: truncated %d of %d texts to max_seq_len=%d', source,
                     truncated, len(records), cfg.max_seq_len)
@@ -296,6 +406,72 @@ def mix_sources(sources: Sequence[tuple[Sequence[dict[str, Any]], float]],
   return [mixed[j] for j in rng.permutation(len(mixed))]
 
 
+def mix_examples(sources: Sequence[tuple[Sequence[Example], float]],
+                 num_tokens: int, seed: int = 0) -> list[Example]:
+  """A seeded mixture holding about `w_i / sum(w)` of `num_tokens` tokens
+  from source i (each source cycled in reshuffled passes), shuffled
+  together. The token-weighted counterpart of `mix_sources`."""
+  rng = np.random.default_rng(seed)
+  weights = np.asarray([w for _, w in sources], np.float64)
+  if not sources or (weights < 0).any() or weights.sum() <= 0:
+    raise DataError(f'mix_examples weights must be >= 0 with a positive sum, '
+                    f'got {weights.tolist()}')
+  out = []
+  for i, ((exs, _), w) in enumerate(zip(sources, weights / weights.sum())):
+    if w <= 0:
+      continue
+    if not exs:
+      raise DataError(f'mix_examples: source {i} has weight {w} but no '
+                      'examples')
+    want, got = w * num_tokens, 0
+    while got < want:
+      for j in rng.permutation(len(exs)):
+        out.append(exs[j])
+        got += len(exs[j].ids)
+        if got >= want:
+          break
+  return [out[j] for j in rng.permutation(len(out))]
+
+
+def generation_items(records: Sequence[dict[str, Any]], tokenizer: Any,
+                     cfg: DataConfig, answers_field: str = 'answers',
+                     source: str = '') -> list[dict[str, Any]]:
+  """Greedy-generation items: the rendered prompt (everything before the
+  response, e.g. the chat template's user turn and generation prompt) as
+  token ids, and the accepted answers (`answers_field` when a record has
+  that list, else its response field).
+
+  The prompt is tokenized alone, with the same special-token rule as
+  `tokenize_records`, so the model sees what transformers' `generate` on
+  the rendered prompt sees.
+  """
+  source = source or cfg.path or '<records>'
+  if cfg.template == 'text':
+    raise DataError(f'{source}: template text has no prompt to generate '
+                    'from (use qa or chat for exact_match abilities)')
+  check_fields(records, cfg, source)
+  specials = cfg.add_special_tokens and cfg.template != 'chat'
+  items = []
+  for i, rec in enumerate(records):
+    try:
+      text, start = render(
+          rec, cfg.template, text_field=cfg.text_field,
+          prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+          qa_format=cfg.qa_format, tokenizer=tokenizer)
+    except TemplateError as e:
+      raise DataError(f'{source}: record {i}: {e}') from e
+    prompt = text[:start]
+    answers = rec.get(answers_field)
+    if not isinstance(answers, (list, tuple)) or not answers:
+      answers = [rec[cfg.response_field]]
+    ids = list(tokenizer(prompt, add_special_tokens=specials)['input_ids'])
+    if not ids:
+      raise DataError(f'{source}: record {i}: the rendered prompt is empty')
+    items.append({'prompt': prompt, 'prompt_ids': ids,
+                  'answers': [str(a) for a in answers]})
+  return items
+
+
 def load_batches(cfg: DataConfig, tokenizer: Any,
                  records: Iterable[dict[str, Any]] | None = None
                 ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
@@ -313,7 +489,7 @@ def load_batches(cfg: DataConfig, tokenizer: Any,
                          pack=cfg.pack, loss_on=cfg.loss_on)
   info = {
       'path': cfg.path, 'template': cfg.template,
-      'fields': list(templates.required_fields(
+      'fields': list(required_fields(
           cfg.template, cfg.text_field, cfg.prompt_field, cfg.response_field)),
       'qa_format': cfg.qa_format if cfg.template == 'qa' else None,
       'num_texts': len(records), 'num_tokens': tok.num_tokens,

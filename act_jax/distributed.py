@@ -1,35 +1,30 @@
-"""Multi-process start-up: call `jax.distributed.initialize` when asked to.
+"""Multi-process start-up and the two rules every writer follows.
 
-Settings come from explicit arguments, else the absl flags below (when
-parsed), else the environment variables that launch/local_multiprocess.sh
-sets: ACT_JAX_COORDINATOR (host:port), ACT_JAX_NUM_PROCESSES,
-ACT_JAX_PROCESS_ID. With none of them set this is a single-process run and
+`maybe_initialize()` calls `jax.distributed.initialize` when a multi-process
+run is configured: explicit arguments, else the environment variables that
+`launch/local_multiprocess.sh` and `launch/slurm_gpu.sh` set
+(ACT_JAX_COORDINATOR host:port, ACT_JAX_NUM_PROCESSES, ACT_JAX_PROCESS_ID),
+else ACT_JAX_AUTO_DISTRIBUTED=1 (TPU pods: `jax.distributed.initialize()`
+reads the topology itself). With none of them it is a single-process run and
 nothing happens. Call it before any other JAX call.
+
+`is_primary()` (process 0 writes) and `barrier(name)` (the others wait) are
+what every artifact writer in act-jax uses. This module imports nothing else
+of act-jax, so every layer can use it.
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import flags
 from absl import logging
 import jax
-
-_COORD = flags.DEFINE_string(
-    'coordinator_address', None,
-    'host:port of process 0 for jax.distributed (multi-process runs).')
-_NUM = flags.DEFINE_integer('num_processes', None,
-                            'Total number of processes (multi-process runs).')
-_PID = flags.DEFINE_integer('process_id', None,
-                            'This process index in [0, num_processes).')
+from jax.experimental import multihost_utils
 
 ENV_COORD = 'ACT_JAX_COORDINATOR'
 ENV_NUM = 'ACT_JAX_NUM_PROCESSES'
 ENV_PID = 'ACT_JAX_PROCESS_ID'
-
-
-def _flag(holder):
-  return holder.value if flags.FLAGS.is_parsed() else None
+ENV_AUTO = 'ACT_JAX_AUTO_DISTRIBUTED'
 
 
 def maybe_initialize(coordinator_address: str | None = None,
@@ -38,27 +33,37 @@ def maybe_initialize(coordinator_address: str | None = None,
   """Initializes jax.distributed if a multi-process run is configured.
 
   Returns:
-    True when jax.distributed was initialized (num_processes > 1).
+    True when jax.distributed was initialized.
 
   Raises:
     ValueError naming the missing setting when only some are given.
   """
-  coord = coordinator_address or _flag(_COORD) or os.environ.get(ENV_COORD)
-  num = num_processes or _flag(_NUM) or os.environ.get(ENV_NUM)
-  pid = process_id
-  if pid is None:
-    pid = _flag(_PID)
-  if pid is None and os.environ.get(ENV_PID) is not None:
-    pid = os.environ[ENV_PID]
+  if os.environ.get(ENV_AUTO) == '1':
+    jax.distributed.initialize()
+    return True
+  coord = coordinator_address or os.environ.get(ENV_COORD)
+  num = num_processes or os.environ.get(ENV_NUM)
+  pid = process_id if process_id is not None else os.environ.get(ENV_PID)
   if num is None or int(num) <= 1:
     return False
   if coord is None or pid is None:
     raise ValueError(
-        f'num_processes={num} needs --coordinator_address (or {ENV_COORD}) '
-        f'and --process_id (or {ENV_PID})')
+        f'{ENV_NUM}={num} needs {ENV_COORD} (host:port of process 0) and '
+        f'{ENV_PID} (this process index)')
   jax.distributed.initialize(coordinator_address=coord,
                              num_processes=int(num), process_id=int(pid))
   logging.info('jax.distributed: process %d of %d, %d local / %d global '
                'devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def is_primary() -> bool:
+  """True on the process that writes shared artifacts (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (a no-op in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,281 +1,162 @@
-"""Channel transplant and multi-source merge on param pytrees.
+"""`python -m act_jax.transfer`: transplant or merge checkpoints.
 
-  transplant(target, source, mask_tree, alpha)
-      theta' = theta_tgt + alpha * M * (theta_src - theta_tgt), per leaf,
-      in one jitted `jnp.where` (weights stay on device and keep their
-      sharding). Leaves whose mask is all False are returned as the very
-      same arrays, so an empty mask gives the target bitwise; with alpha = 1
-      the masked entries are copied (`where(M, src, tgt)`), so a full mask
-      gives the source bitwise.
-  merge(base, sources, masks, scores, policy, alpha)
-      start from `base`, transplant each source's channel set; a channel
-      (site, layer, c) claimed by several sources is resolved by `policy`
-      (average | max_score | priority) and listed in the conflict report.
-Embeddings, norms and lm_head are untouched unless `include` names them.
+  python -m act_jax.transfer --target=DIR --source=DIR[,DIR...] \
+      --masks=DIR[,DIR...] --out=DIR [--hf_out=DIR --policy=average \
+      --alpha=1.0 --include=REGEX,... --unit=channel]
+One source: transplant its masked channels into the target. Several
+sources (one mask dir each): merge into the target, conflicts resolved by
+--policy and written to `<out>/merge_report.json` (inside the params dir's
+meta). Models load with `io.models.load_model` (converted params dir or HF
+dir). A thin shell over `act.transfer` (what the pipeline's transfer stage
+runs); `--alpha` and `--policy` are the config's `transfer.*` fields.
 
-CLI: `python -m act_jax.transfer --target=DIR --source=DIR[,...]
---masks=DIR[,...] --out=DIR` (see transfer_cli.py).
+Checks before loading weights: every mask dir's model_config matches the
+target's architecture, its sites are known, and (unless
+--allow_other_models) the stats' source/target paths recorded in the mask
+are the checkpoints given.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping, Sequence
+import os
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import flags
+from absl import logging
 
-from act_jax import masks as masks_lib
-
-POLICIES = ('average', 'max_score', 'priority')
-
-
-class TransferError(ValueError):
-  """Incompatible params / masks / policy; names the leaf or argument."""
-
-
-def _flatten(tree, what: str):
-  try:
-    return jax.tree_util.tree_flatten_with_path(tree)
-  except Exception as e:  # pragma: no cover - defensive
-    raise TransferError(f'{what}: not a param tree ({e})') from e
+from act_jax import cli
+from act_jax.act import masks as masks_lib
+from act_jax.act import transfer
+from act_jax.io import hf
+from act_jax.io import models as models_io
+from act_jax.io import params as params_io
+from act_jax.model.config import ModelConfig
+from act_jax.pipeline import jobs
 
 
-def check_compatible(target, other, what: str = 'source') -> None:
-  """Raises TransferError naming the first leaf whose path/shape differs."""
-  t, t_def = _flatten(target, 'target')
-  o, o_def = _flatten(other, what)
-  t_paths = {jax.tree_util.keystr(p): x for p, x in t}
-  o_paths = {jax.tree_util.keystr(p): x for p, x in o}
-  missing = sorted(set(t_paths) - set(o_paths))
-  extra = sorted(set(o_paths) - set(t_paths))
-  if missing or extra:
-    raise TransferError(f'{what} param tree differs from the target: '
-                        f'missing {missing[:5]}, extra {extra[:5]}')
-  for k, x in t_paths.items():
-    if tuple(x.shape) != tuple(o_paths[k].shape):
-      raise TransferError(f'{what}: leaf {k} has shape '
-                          f'{tuple(o_paths[k].shape)}, target has '
-                          f'{tuple(x.shape)}')
+def define_flags() -> None:
+  """The CLI's flags (its own first; `transfer.*` config-field names)."""
+  f = flags
+  f.DEFINE_string('target', None, 'Model receiving the channels (or the base '
+                  'of a merge): params dir or HF dir.')
+  f.DEFINE_list('source', None, 'Source model dir(s), one per mask dir.')
+  f.DEFINE_list('masks', None, 'Mask dir(s) from act_jax.localize; one, or '
+                'one per source.')
+  f.DEFINE_string('out', None, 'Output params dir.')
+  f.DEFINE_string('hf_out', None, 'Optional HF checkpoint output dir.')
+  f.DEFINE_list('include', [], 'Regexes of whole leaves to transfer too '
+                '(e.g. "norm.scale", "embed_tokens.*"); default none.')
+  f.DEFINE_enum('unit', 'channel', masks_lib.UNITS,
+                'Grow masks to whole neurons / heads before transfer.')
+  f.DEFINE_list('priority', None, 'Source indices, most important first '
+                '(--policy=priority).')
+  f.DEFINE_bool('allow_other_models', False, 'Skip the check that the masks '
+                'were localized on these very checkpoints.')
+  f.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
+  cli.define_section_flags(jobs.TransferConfig)
 
 
-def _mix(t, s, m, alpha: float):
-  """One leaf: where(m, t + alpha (s - t), t); alpha == 1 copies exactly."""
-  s = s.astype(t.dtype)
-  if alpha == 1.0:
-    return jnp.where(m, s, t)
-  t32 = t.astype(jnp.float32)
-  new = (t32 + alpha * (s.astype(jnp.float32) - t32)).astype(t.dtype)
-  return jnp.where(m, new, t)
+def _arch(d: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in d.items() if k not in models_io.ARCH_IGNORED}
 
 
-@functools.partial(jax.jit, static_argnames=('alpha',))
-def _mix_leaves(ts, ss, ms, alpha):
-  return tuple(_mix(t, s, m, alpha) for t, s, m in zip(ts, ss, ms))
+def check_mask_meta(meta: dict[str, Any], mask_dir: str, cfg: ModelConfig,
+                    source: str, target: str, check_paths: bool) -> None:
+  """Raises TransferError when a mask does not belong to these checkpoints."""
+  mc = meta.get('model_config')
+  if mc is None:
+    raise transfer.TransferError(f'{mask_dir}/meta.json has no model_config')
+  want, got = _arch(cfg.to_dict()), _arch(mc)
+  diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  if diff:
+    raise transfer.TransferError(
+        f'{mask_dir}: masks are for a different architecture than {target}: '
+        + ', '.join(f'{k}={got.get(k)!r} vs {want.get(k)!r}' for k in diff))
+  if not check_paths:
+    return
+  for role, given in (('source', source), ('target', target)):
+    rec = meta.get(f'{role}_path')
+    if rec and os.path.realpath(rec) != os.path.realpath(given):
+      raise transfer.TransferError(
+          f'{mask_dir}: masks were localized with {role} {rec}, but '
+          f'--{role}={given} (pass --allow_other_models to override)')
 
 
-@functools.partial(jax.jit, static_argnames=('alpha',), donate_argnums=(0,))
-def _mix_leaves_donate(ts, ss, ms, alpha):
-  return tuple(_mix(t, s, m, alpha) for t, s, m in zip(ts, ss, ms))
-
-
-def _mask_leaves(mask_tree, n: int, treedef) -> list[np.ndarray | None]:
-  leaves, mdef = jax.tree_util.tree_flatten(mask_tree)
-  if mdef != treedef or len(leaves) != n:
-    raise TransferError('mask tree structure does not match the params '
-                        '(build it with masks.leaf_masks(mask, params))')
-  out = []
-  for m in leaves:
-    m = np.asarray(m, bool)
-    out.append(m if m.any() else None)
-  return out
-
-
-def transplant(target, source, mask_tree, alpha: float = 1.0, *,
-               donate: bool = False):
-  """Moves the masked entries of `source` into `target` (see module doc).
-
-  Args:
-    target, source: param trees of the same structure and shapes.
-    mask_tree: bool tree aligned with the params, leaves broadcastable to
-      the leaf shapes (`masks.leaf_masks(channel_mask, target)`).
-    alpha: interpolation factor (1 = copy).
-    donate: donate the target's touched leaves to the computation (saves
-      one copy of them; the caller must not use `target` afterwards).
-
-  Returns:
-    The new param tree; untouched leaves are `target`'s own arrays.
-  """
-  check_compatible(target, source)
-  t_leaves, treedef = jax.tree_util.tree_flatten(target)
-  s_leaves = jax.tree_util.tree_leaves(source)
-  m_leaves = _mask_leaves(mask_tree, len(t_leaves), treedef)
-  idx = [i for i, m in enumerate(m_leaves) if m is not None]
-  if not idx:
-    return target
-  fn = _mix_leaves_donate if donate else _mix_leaves
-  new = fn(tuple(t_leaves[i] for i in idx), tuple(s_leaves[i] for i in idx),
-           tuple(jnp.asarray(m_leaves[i]) for i in idx), alpha=float(alpha))
-  out = list(t_leaves)
-  for i, x in zip(idx, new):
-    out[i] = x
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def transplant_channels(target, source, channel_mask: masks_lib.Mask,
-                        alpha: float = 1.0, include: Sequence[str] = (),
-                        **kw):
-  """`transplant` with a compact channel mask `{site: [L, C] bool}`."""
-  tree = masks_lib.leaf_masks(channel_mask, target, include=include)
-  return transplant(target, source, tree, alpha, **kw)
-
-
-# ---------------------------------------------------------------- merge
-
-
-@functools.partial(jax.jit, static_argnames=('alpha',))
-def _average_leaves(cur, base, srcs, ms, alpha):
-  """Per leaf: base + alpha * mean over claiming sources of (src - base)."""
-  out = []
-  for i, (c, b) in enumerate(zip(cur, base)):
-    b32 = b.astype(jnp.float32)
-    num = jnp.zeros(jnp.broadcast_shapes(b.shape, *(m[i].shape for m in ms)),
-                    jnp.float32)
-    den = jnp.zeros_like(num)
-    for s, m in zip(srcs, ms):
-      num = num + jnp.where(m[i], s[i].astype(jnp.float32) - b32, 0.0)
-      den = den + m[i].astype(jnp.float32)
-    new = (b32 + alpha * num / jnp.maximum(den, 1.0)).astype(c.dtype)
-    out.append(jnp.where(den > 0, new, c))
-  return tuple(out)
-
-
-def _resolve(masks: Sequence[masks_lib.Mask], names: Sequence[str],
-             policy: str, scores, order: Sequence[int]):
-  """Per site: disjoint winner masks, shared (averaged) masks, conflicts."""
-  k = len(masks)
-  sites = []
-  for m in masks:
-    sites += [s for s in m if s not in sites]
-  owned = [dict() for _ in range(k)]
-  shared = [dict() for _ in range(k)]
-  conflicts = []
-  rank = np.empty(k, np.int64)
-  rank[np.asarray(order)] = np.arange(k)
-  for site in sites:
-    shape = next(m[site].shape for m in masks if site in m)
-    claims = np.stack([np.asarray(m.get(site, np.zeros(shape, bool)), bool)
-                       for m in masks])  # [K, L, C]
-    n = claims.sum(0)
-    multi = n >= 2
-    if policy == 'average':
-      winner = None
-    elif policy == 'priority':
-      key = np.where(claims, -rank[:, None, None], -k - 1)
-      winner = np.argmax(key, axis=0)  # highest = earliest in order
+def run_cli(fl) -> str:
+  """Runs the CLI with parsed flags `fl`; returns the output params dir."""
+  for name in ('target', 'source', 'masks', 'out'):
+    if not getattr(fl, name):
+      raise transfer.TransferError(f'--{name} is required')
+  sources, mask_dirs = list(fl.source), list(fl.masks)
+  if len(mask_dirs) == 1 and len(sources) > 1:
+    mask_dirs *= len(sources)
+  if len(mask_dirs) != len(sources):
+    raise transfer.TransferError(f'--masks has {len(mask_dirs)} dirs for '
+                                 f'{len(sources)} --source dirs')
+  for out in (fl.out, fl.hf_out):
+    if out and os.path.exists(out) and not fl.overwrite:
+      raise transfer.TransferError(f'{out} exists (pass --overwrite)')
+  loaded = [masks_lib.load_masks(d) for d in mask_dirs]
+  # Architecture and provenance checks before any weights are read.
+  cfg = models_io.load_config(fl.target)
+  for (_, meta), d, s in zip(loaded, mask_dirs, sources):
+    check_mask_meta(meta, d, cfg, s, fl.target, not fl.allow_other_models)
+  chan_masks = [masks_lib.couple(m, cfg, fl.unit) for m, _ in loaded]
+  cfg, target = models_io.load_model(fl.target)
+  src_params = []
+  for s in sources:
+    scfg, p = models_io.load_model(s)
+    if _arch(scfg.to_dict()) != _arch(cfg.to_dict()):
+      raise transfer.TransferError(f'--source={s} has a different '
+                                   f'architecture than --target={fl.target}')
+    transfer.check_compatible(target, p, f'--source={s}')
+    src_params.append(p)
+  meta_out: dict[str, Any] = {'target': os.path.abspath(fl.target),
+                              'sources': [os.path.abspath(s) for s in sources],
+                              'masks': [os.path.abspath(d) for d in mask_dirs],
+                              'alpha': fl.alpha, 'unit': fl.unit,
+                              'include': list(fl.include)}
+  if len(sources) == 1:
+    params = transfer.transplant_channels(target, src_params[0],
+                                          chan_masks[0], fl.alpha,
+                                          include=fl.include)
+    meta_out['channels'] = masks_lib.count(chan_masks[0])
+  else:
+    scores = None
+    if fl.policy == 'max_score':
+      scores = [masks_lib.load_mask_scores(d) for d in mask_dirs]
+    priority = [int(x) for x in fl.priority] if fl.priority else None
+    params, report = transfer.merge(
+        target, src_params, chan_masks, scores, fl.policy, fl.alpha,
+        names=[os.path.basename(os.path.normpath(s)) for s in sources],
+        priority=priority, include=fl.include)
+    meta_out['merge_report'] = report
+    logging.info('merged %d sources: %d conflicting channels (%s)',
+                 len(sources), report['num_conflicts'], fl.policy)
+  tok = fl.target if models_io.has_tokenizer(fl.target) else None
+  params_io.save_params_dir(fl.out, params, cfg, tokenizer_dir=tok,
+                            meta=meta_out, overwrite=fl.overwrite)
+  if fl.hf_out:
+    if os.path.isfile(os.path.join(fl.target, 'config.json')):
+      hf_cfg = hf.read_hf_config_dict(fl.target)
     else:
-      s = np.stack([np.asarray(scores[i][site], np.float64)
-                    for i in range(k)])
-      key = np.where(claims, s, -np.inf)
-      winner = np.argmax(key, axis=0)  # ties: lower source index
-    for i in range(k):
-      if winner is None:
-        owned[i][site] = claims[i] & ~multi
-        shared[i][site] = claims[i] & multi
-      else:
-        owned[i][site] = claims[i] & (winner == i)
-        shared[i][site] = np.zeros(shape, bool)
-    for l, c in zip(*np.nonzero(multi)):
-      who = [names[i] for i in range(k) if claims[i, l, c]]
-      conflicts.append({
-          'site': site, 'layer': int(l), 'channel': int(c), 'sources': who,
-          'resolved': ('average' if winner is None else
-                       names[int(winner[l, c])])})
-  return owned, shared, conflicts
+      hf_cfg = params_io.load_hf_config_dict(fl.target)
+    hf.save_hf(params, cfg, fl.hf_out, hf_config=hf_cfg,
+               tokenizer_dir=tok, overwrite=fl.overwrite)
+  return fl.out
 
 
-def merge(base, sources: Sequence[Any], masks: Sequence[masks_lib.Mask],
-          scores: Sequence[Mapping[str, np.ndarray]] | None = None,
-          policy: str = 'average', alpha: float = 1.0, *,
-          names: Sequence[str] | None = None,
-          priority: Sequence[int] | None = None,
-          include: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
-  """Merges several sources' channel sets into `base`.
+def main(argv):
+  if len(argv) > 1:
+    raise transfer.TransferError(f'unexpected arguments {argv[1:]}')
+  run_cli(flags.FLAGS)
 
-  Args:
-    base: the starting params (the base model or any chosen model).
-    sources: K param trees with the base's shapes.
-    masks: K channel masks `{site: [L, C] bool}` (couple them first if
-      whole units are wanted).
-    scores: K score dicts `{site: [L, C]}` (needed for 'max_score').
-    policy: how a channel claimed by several sources is resolved:
-      'average'  base + alpha * mean of the claimers' (src - base);
-      'max_score' the claimer with the highest score (ties: lower index);
-      'priority' the first claimer in `priority` (default: source order).
-    alpha: interpolation factor for every transplant.
-    names: source names for the report (default 'source0', ...).
-    priority: source indices, most important first.
-    include: extra whole leaves (regexes on dotted paths): averaged over
-      all sources for 'average', else taken from the first in priority.
 
-  Returns:
-    (params, report) with report {'policy', 'num_conflicts', 'conflicts':
-    [{site, layer, channel, sources, resolved}], 'channels_per_source'}.
-    Elements where a row site and a column site of the same kernel cross
-    (only with '.in' sites) go to the later source in priority order.
-  """
-  k = len(sources)
-  if k == 0 or len(masks) != k:
-    raise TransferError(f'merge needs one mask per source: {k} sources, '
-                        f'{len(masks)} masks')
-  if policy not in POLICIES:
-    raise TransferError(f'--policy={policy!r} unknown; one of '
-                        f'{", ".join(POLICIES)}')
-  if policy == 'max_score' and (scores is None or len(scores) != k):
-    raise TransferError('--policy=max_score needs one score dict per source')
-  names = list(names or [f'source{i}' for i in range(k)])
-  order = list(priority) if priority is not None else list(range(k))
-  if sorted(order) != list(range(k)):
-    raise TransferError(f'priority {order} is not a permutation of '
-                        f'0..{k - 1}')
-  for i, s in enumerate(sources):
-    check_compatible(base, s, f'source {names[i]}')
-  owned, shared, conflicts = _resolve(masks, names, policy, scores, order)
-  params = base
-  # Apply lowest priority first so the earliest source wins any element
-  # where a row site and a column site cross.
-  for i in reversed(order):
-    inc = include if (policy != 'average' and i == order[0]) else ()
-    params = transplant_channels(params, sources[i], owned[i], alpha,
-                                 include=inc)
-  if policy == 'average' and (any(masks_lib.count(m) for m in shared) or
-                              include):
-    trees = [masks_lib.leaf_masks(m, base, include=include) for m in shared]
-    flat = [jax.tree_util.tree_leaves(t) for t in trees]
-    cur, treedef = jax.tree_util.tree_flatten(params)
-    base_l = jax.tree_util.tree_leaves(base)
-    src_l = [jax.tree_util.tree_leaves(s) for s in sources]
-    idx = [j for j in range(len(cur))
-           if any(np.asarray(f[j]).any() for f in flat)]
-    new = _average_leaves(
-        tuple(cur[j] for j in idx), tuple(base_l[j] for j in idx),
-        tuple(tuple(s[j] for j in idx) for s in src_l),
-        tuple(tuple(jnp.asarray(f[j]) for j in idx) for f in flat),
-        alpha=float(alpha))
-    for j, x in zip(idx, new):
-      cur[j] = x
-    params = jax.tree_util.tree_unflatten(treedef, cur)
-  report = {
-      'policy': policy, 'alpha': alpha, 'sources': names,
-      'priority': [names[i] for i in order],
-      'num_conflicts': len(conflicts), 'conflicts': conflicts,
-      'channels_per_source': {names[i]: masks_lib.count(masks[i])
-                              for i in range(k)},
-  }
-  return params, report
+def console():
+  """The `act-jax-transfer` console script."""
+  define_flags()
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  from act_jax import transfer_cli  # pylint: disable=g-import-not-at-top
-  transfer_cli.run()
+  console()

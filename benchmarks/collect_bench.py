@@ -30,8 +30,12 @@ import numpy as np
 import torch
 import transformers
 
-from act_jax import capture, collect, forward, hf_names, sharding
-from act_jax.model_config import from_hf_config
+from act_jax.model import capture
+from act_jax.act import collect
+from act_jax.model import forward
+from act_jax.io import hf_names
+from act_jax.model import sharding
+from act_jax.model.config import from_hf_config
 
 _HIDDEN = flags.DEFINE_integer('hidden', 1024, 'Hidden size.')
 _LAYERS = flags.DEFINE_integer('layers', 12, 'Layers.')
@@ -203,7 +207,7 @@ def main(argv):
                      _DTYPES.value, ks)
   if _SMOLLM2.value:
     try:
-      from act_jax.smollm2 import weights  # pylint: disable=g-import-not-at-top
+      from act_jax.cases.smollm2 import weights  # pylint: disable=g-import-not-at-top
       d = weights.smollm2_hf_dir()
       sm = [transformers.AutoModelForCausalLM.from_pretrained(
           d, dtype=torch.float32).eval()]

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax import forward, losses, model_config
+from act_jax.model import forward
+from act_jax.model import losses
+from act_jax import model_config
 
 
 def main():

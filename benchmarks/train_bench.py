@@ -4,7 +4,7 @@ Same random Llama model (built with transformers, converted to act-jax),
 same batch, same channel mask (top-rho random channels per layer and output
 site). Peer: the usual PyTorch way, gradient hooks that multiply each
 param's grad by its mask, then `torch.optim.AdamW`. act-jax: the jitted
-`train.make_train_step` with `scope=channels` (full-state) and with `lean`.
+`finetune.make_train_step` with `scope=channels` (full-state) and with `lean`.
 Prints train-step tokens/s and the ratio, then optimizer-state bytes for
 channels full-state vs lean (gathered slices) on this model and, from
 shapes only, on a SmolLM2-135M-shaped model.
@@ -26,8 +26,12 @@ import numpy as np
 import torch
 import transformers
 
-from act_jax import forward, hf_convert, masks, optim, train
-from act_jax.model_config import ModelConfig
+from act_jax.model import forward
+from act_jax.io import hf
+from act_jax.act import masks
+from act_jax.train import optim
+from act_jax.train import finetune
+from act_jax.model.config import ModelConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('hidden', 256, 'hidden size D')
@@ -54,12 +58,12 @@ def channel_mask(cfg: ModelConfig, rho: float, seed: int = 0):
 
 
 def bench_jax(cfg, params, batch, mask, lean, steps):
-  tc = train.TrainConfig(num_steps=1000, lr=1e-4, weight_decay=0.0,
-                         batch_size=batch['tokens_bt'].shape[0],
-                         max_seq_len=batch['tokens_bt'].shape[1],
-                         scope='channels', lean=lean)
+  tc = finetune.TrainConfig(num_steps=1000, lr=1e-4, weight_decay=0.0,
+                            batch_size=batch['tokens_bt'].shape[0],
+                            max_seq_len=batch['tokens_bt'].shape[1],
+                            scope='channels', lean=lean)
   opt = optim.make_optimizer(tc, params, mask)
-  step = jax.jit(train.make_train_step(cfg, opt, 1, 'float32'),
+  step = jax.jit(finetune.make_train_step(cfg, opt, 1, 'float32'),
                  donate_argnums=(0, 1))
   params = jax.tree.map(jnp.array, params)
   state = opt.tx.init(params)
@@ -108,7 +112,7 @@ def bench_torch(model, batch, leaf_mask_by_name, steps):
 
 def torch_masks(cfg, mask, params):
   """HF param name -> mask in HF layout (None: no trainable entry)."""
-  from act_jax import hf_names  # pylint: disable=g-import-not-at-top
+  from act_jax.io import hf_names  # pylint: disable=g-import-not-at-top
   leaf = masks.leaf_masks(mask, params, full=True)
   out = {}
   for e in hf_names.hf_entries(cfg):
@@ -126,8 +130,8 @@ def memory_line(label, cfg, params, rho):
   mask = channel_mask(cfg, rho)
   base = dict(num_steps=100, lr=1e-5, warmup_frac=0.03, schedule='cosine',
               weight_decay=0.0, clip_norm=1.0, scope='channels')
-  full = optim.make_optimizer(train.TrainConfig(**base), params, mask)
-  lean = optim.make_optimizer(train.TrainConfig(lean=True, **base), params,
+  full = optim.make_optimizer(finetune.TrainConfig(**base), params, mask)
+  lean = optim.make_optimizer(finetune.TrainConfig(lean=True, **base), params,
                               mask)
   fb = optim.opt_state_bytes(full.tx, params)
   lb = optim.opt_state_bytes(lean.tx, params)
@@ -150,7 +154,7 @@ def main(argv):
   model = transformers.LlamaForCausalLM(hf_cfg).float()
   tmp = tempfile.mkdtemp()
   model.save_pretrained(tmp)
-  cfg, params = hf_convert.load_hf_params(tmp)
+  cfg, params = hf.load_hf_params(tmp)
   params = jax.device_get(params)
   tokens = np.random.RandomState(0).randint(0, FLAGS.vocab,
                                             (FLAGS.batch, FLAGS.seq))

@@ -67,24 +67,27 @@ def build_checkpoints(work: str, layers: int) -> None:
 
 
 def _act_masks(cfg, k: int, top_frac: float):
-  from act_jax import masks, scores, selection  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from act_jax.act import masks  # pylint: disable=g-import-not-at-top
+  from act_jax.act import localize  # pylint: disable=g-import-not-at-top
   out = []
   for i in range(k):
-    s = scores.random_scores(masks.site_shapes(cfg), seed=i)
+    s = localize.random_scores(masks.site_shapes(cfg), seed=i)
     s = {n: v for n, v in s.items() if n in masks.capture.OUTPUT_SITES}
-    out.append(selection.select_channels(s, top_frac=top_frac))
+    out.append(localize.select_channels(s, top_frac=top_frac))
   return out
 
 
 def run_method(method: str, work: str) -> dict:
   """Runs one of our methods end to end; returns in-process timings."""
   import jax  # pylint: disable=g-import-not-at-top
-  from act_jax import baselines, hf_convert, hf_export, transfer  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from act_jax.act import baselines  # pylint: disable=g-import-not-at-top
+  from act_jax.io import hf  # pylint: disable=g-import-not-at-top
+  from act_jax.act import transfer  # pylint: disable=g-import-not-at-top
   dirs = _dirs(work)
   out_dir = os.path.join(work, 'out_' + method)
   t0 = time.time()
   n = 2 if method == 'act_transplant' else 4
-  loaded = [hf_convert.load_hf_params(d) for d in dirs[:n]]
+  loaded = [hf.load_hf_params(d) for d in dirs[:n]]
   cfg = loaded[0][0]
   params = [p for _, p in loaded]
   jax.block_until_ready(params)
@@ -100,8 +103,8 @@ def run_method(method: str, work: str) -> dict:
     res = baselines.ties(params[0], params[1:], density=FLAGS.density)
   jax.block_until_ready(res)
   t2 = time.time()
-  hf_export.save_hf(res, cfg, out_dir, overwrite=True,
-                    hf_config=hf_convert.read_hf_config_dict(dirs[0]))
+  hf.save_hf(res, cfg, out_dir, overwrite=True,
+             hf_config=hf.read_hf_config_dict(dirs[0]))
   t3 = time.time()
   return {'load_s': t1 - t0, 'compute_s': t2 - t1, 'save_s': t3 - t2}
 

@@ -14,26 +14,23 @@ per pass by the collect engine (models_per_pass) on smaller meshes.
 
 import ml_collections
 
-from act_jax import config_schema
+from act_jax.pipeline import jobs
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Merge config; fill models and ability files by flags."""
-  c = config_schema.base_config()
+  c = jobs.default_config()
   c.mode = 'merge'
   c.models.base = ''  # HF dir of the base
   c.models.spec1 = ''  # HF dir of specialist 1
   c.models.spec2 = ''  # HF dir of specialist 2
   for name in ('skill1', 'skill2'):
-    c.abilities[name] = ml_collections.ConfigDict(dict(
-        probe='', eval='', sft='',  # JSONL records: prompt, answer
-        metric='exact_match',  # exact_match | perplexity
-        extract='last_number',  # answer extraction (exact match)
+    c.abilities[name] = jobs.ability(
+        metric='exact_match',  # greedy generation, answer matching
+        match='last_number',  # the reply's last number is the answer
         max_new_tokens=64,  # generation budget
-        template='qa',  # data.py template
-        qa_format='Question: {prompt}\\nAnswer: {response}',  # prompt join
-    ))
+        template='qa',  # prompt + answer joined by qa_format
+        qa_format='Question: {prompt}\nAnswer: {response}')
   c.merge.base = 'base'
   c.merge.specialists = 'spec1:skill1,spec2:skill2'
-  c.evaluate.engine = 'act'
   return c

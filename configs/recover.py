@@ -1,13 +1,14 @@
 """ACT recover on real HF checkpoints: an ability from source into target.
 
 Models and data come from flags; abilities are JSONL files of records with
-`prompt` and `answer` (probe texts are `prompt + answer`):
+`prompt` and `answer`:
   python -m act_jax.main --config=configs/recover.py --workdir=/runs/rec \\
     --config.models.source=/ckpt/base --config.models.target=/ckpt/spec \\
     --config.abilities.ability.probe=math_probe.jsonl \\
     --config.abilities.ability.eval=math_eval.jsonl \\
     --config.abilities.ability.sft=math_sft.jsonl \\
-    --config.abilities.retain.probe=lang_probe.jsonl ... (eval, sft)
+    --config.abilities.retain.eval=lang_eval.jsonl \\
+    --config.abilities.retain.sft=lang_sft.jsonl
 Only localization: `--config.mode=analyze`. A subset of stages:
 `--config.stages=collect,localize` (inputs must be complete).
 
@@ -29,34 +30,25 @@ Launch: launch/tpu_pod.sh or launch/slurm_gpu.sh (BUILD.md).
 
 import ml_collections
 
-from act_jax import config_schema
-
-
-def _ability() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      probe='',  # probe records (JSONL: prompt, answer)
-      eval='',  # held-out eval records
-      sft='',  # fine-tune records
-      metric='exact_match',  # exact_match | perplexity
-      extract='last_number',  # evaluate.extract_answer mode (exact match)
-      max_new_tokens=64,  # generation budget (exact match)
-      template='qa',  # data.py template
-      qa_format='Question: {prompt}\\nAnswer: {response}',  # prompt join
-  ))
+from act_jax.pipeline import jobs
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Recover config; fill models and ability files by flags."""
-  c = config_schema.base_config()
+  c = jobs.default_config()
   c.mode = 'recover'
   c.models.source = ''  # HF dir of the model that has the ability
   c.models.target = ''  # HF dir of the model that lost it
-  c.abilities.ability = _ability()  # the ability to recover
-  c.abilities.retain = _ability()  # the target's specialty, to keep
-  c.abilities.retain.metric = 'perplexity'
+  c.abilities.ability = jobs.ability(  # the ability to recover
+      metric='exact_match',  # greedy generation, answer matching
+      match='last_number',  # the reply's last number is the answer
+      max_new_tokens=64,  # generation budget
+      template='qa',  # prompt + answer joined by qa_format
+      qa_format='Question: {prompt}\nAnswer: {response}')
+  c.abilities.retain = jobs.ability(  # the target's specialty, to keep
+      metric='perplexity', template='text')
   c.recover.source = 'source'
   c.recover.target = 'target'
   c.recover.ability = 'ability'
-  c.evaluate.engine = 'act'
   c.localize.top_frac = 0.05
   return c

@@ -7,8 +7,8 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from act_jax import analysis
-from act_jax import plots
+from act_jax.act import analysis
+from act_jax.pipeline import plots
 
 
 class AnalysisTest(absltest.TestCase):

@@ -4,7 +4,7 @@ Reference: mergekit 0.1.5 (`pip install mergekit==0.1.5`, torch stays
 2.13.0+cpu), its registered merge methods called per HF tensor on the torch
 state dicts of tiny random transformers checkpoints written with
 `testutil.make_tiny_hf`; our side loads the same safetensors with
-`hf_convert.load_hf_params`. DARE's random drop cannot share mergekit's
+`hf.load_hf_params`. DARE's random drop cannot share mergekit's
 torch RNG, so DARE is checked by feeding our exact drop-and-rescale deltas
 (`baselines.dare_keep_mask`) into mergekit's task_arithmetic / ties with
 density 1, plus the paper's 1 / (1 - p) rescale and seeded determinism.
@@ -18,11 +18,11 @@ import jax
 import numpy as np
 import torch
 
-from act_jax import baselines
-from act_jax import hf_convert
-from act_jax import hf_names
-from act_jax import masks as masks_lib
-from act_jax import transfer
+from act_jax.act import baselines
+from act_jax.io import hf
+from act_jax.io import hf_names
+from act_jax.act import masks as masks_lib
+from act_jax.act import transfer
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 import testutil
@@ -77,7 +77,7 @@ class BaselinesTest(absltest.TestCase):
       with torch.no_grad():  # back to the base for the next source
         for k, p in base.named_parameters():
           p.copy_(cls.torch_sd[0][k])
-    loaded = [hf_convert.load_hf_params(d) for d in cls.dirs]
+    loaded = [hf.load_hf_params(d) for d in cls.dirs]
     cls.cfg = loaded[0][0]
     cls.params = [p for _, p in loaded]
     cls.entries = list(hf_names.hf_entries(cls.cfg))

@@ -16,7 +16,10 @@ from absl.testing import absltest
 import numpy as np
 
 import testutil
-from act_jax import capture, collect, stats_io
+from act_jax import collect as collect_cli
+from act_jax import data
+from act_jax.io import stats as stats_io
+from act_jax.model import capture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = ('self_attn.q_proj', 'mlp.down_proj', 'mlp.down_proj.in')
@@ -48,20 +51,22 @@ class CollectMultiprocessTest(absltest.TestCase):
         f.write(json.dumps({'question': f'q{i}: ' + ' '.join(words),
                             'answer': str(i)}) + '\n')
     cls.args = dict(models=cls.dirs, probe=cls.probe, template='qa',
+                    prompt_field='question',
                     max_seq_len=40, batch_size=2, count_tokens='response',
-                    sites=list(SITES))
+                    sites=','.join(SITES))
     ref_out = os.path.join(cls.tmp, 'ref')
-    collect.run_cli(types.SimpleNamespace(**cls._all_flags(cls.args,
-                                                          ref_out)))
+    collect_cli.run_cli(types.SimpleNamespace(**cls._all_flags(cls.args,
+                                                               ref_out)))
     cls.ref = stats_io.load_stats(ref_out)
 
   @staticmethod
   def _all_flags(args, out):
-    base = dict(out=out, tokenizer=None, field='text', prompt_field='question',
-                response_field='answer', qa_format=None, split='train',
-                limit=0, pack=False, overflow='truncate',
+    base = dict(out=out, tokenizer=None, text_field='text',
+                response_field='answer',
+                qa_format=data.DEFAULT_QA_FORMAT, split='train', num_probe=0,
+                probe_pack=False, overflow='truncate',
                 mesh_shape=['-1', '1', '1'], models_axis=None,
-                models_per_pass=0, dtype=None, save_every=0, throttle_s=0.0,
+                models_per_pass=0, dtype='', save_every=0, throttle_s=0.0,
                 shuffle_seed=None)
     base.update(args)
     return base

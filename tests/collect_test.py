@@ -11,8 +11,14 @@ import numpy as np
 import torch
 
 import testutil
-from act_jax import capture, collect, collect_inputs, data, hf_convert
-from act_jax import sharding, stats_io
+from act_jax import collect as collect_cli
+from act_jax import data
+from act_jax.act import collect
+from act_jax.io import hf
+from act_jax.io import models as models_io
+from act_jax.io import stats as stats_io
+from act_jax.model import capture
+from act_jax.model import sharding
 
 SITES = capture.OUTPUT_SITES
 TEXTS = ['The cat sat on the mat.', 'ab', 'Hello, world! 12345',
@@ -79,12 +85,12 @@ class CollectTest(absltest.TestCase):
     with open(cls.probe, 'w') as f:
       for t in TEXTS:
         f.write(json.dumps({'text': t}) + '\n')
-    cls.tok = collect_inputs.load_tokenizer(cls.dirs[0])
+    cls.tok = models_io.load_tokenizer(cls.dirs[0])
     cls.dcfg = data.DataConfig(path=cls.probe, max_seq_len=48, batch_size=4)
     records = data.load_records(cls.probe)
     cls.tokenized = data.tokenize_records(records, cls.tok, cls.dcfg)
     cls.batches = data.make_batches(cls.tokenized.examples, 4, 48)
-    loaded = [hf_convert.load_hf_params(d) for d in cls.dirs]
+    loaded = [hf.load_hf_params(d) for d in cls.dirs]
     cls.cfg = loaded[0][0]
     cls.params = [p for _, p in loaded]
     cls.mesh = sharding.make_mesh((-1, 1, 1))
@@ -180,13 +186,13 @@ class CollectTest(absltest.TestCase):
   def _flags(self, **kw):
     base = dict(models=self.dirs[:2], probe=self.probe,
                 out=os.path.join(self.tmp, 'cli_out'), tokenizer=None,
-                template='text', field='text', prompt_field='question',
-                response_field='answer', qa_format=None, split='train',
-                limit=0, max_seq_len=48, batch_size=4, pack=False,
-                overflow='truncate', count_tokens='all', sites=list(SITES),
-                mesh_shape=['-1', '1', '1'], models_axis=None,
-                models_per_pass=0, dtype=None, save_every=0, throttle_s=0.0,
-                shuffle_seed=None)
+                template='text', text_field='text', prompt_field='question',
+                response_field='answer', qa_format=data.DEFAULT_QA_FORMAT,
+                split='train', num_probe=0, max_seq_len=48, batch_size=4,
+                probe_pack=False, overflow='truncate', count_tokens='all',
+                sites=','.join(SITES), mesh_shape=['-1', '1', '1'],
+                models_axis=None, models_per_pass=0, dtype='', save_every=0,
+                throttle_s=0.0, shuffle_seed=None)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -194,23 +200,23 @@ class CollectTest(absltest.TestCase):
     empty = os.path.join(self.tmp, 'empty.jsonl')
     open(empty, 'w').close()
     with self.assertRaisesRegex(data.DataError, 'empty.jsonl.*empty'):
-      collect.run_cli(self._flags(probe=empty))
+      collect_cli.run_cli(self._flags(probe=empty))
 
   def test_error_missing_field(self):
     with self.assertRaisesRegex(data.DataError,
                                 "probe.jsonl.*'prompt'.*available.*text"):
-      collect.run_cli(self._flags(template='qa', prompt_field='prompt'))
+      collect_cli.run_cli(self._flags(template='qa', prompt_field='prompt'))
 
   def test_error_overflow(self):
     with self.assertRaisesRegex(data.DataError, 'record 3.*max_seq_len=48'):
-      collect.run_cli(self._flags(overflow='error'))
+      collect_cli.run_cli(self._flags(overflow='error'))
 
   def test_error_different_architecture(self):
     other = os.path.join(self.tmp, 'wide')
     testutil.make_tiny_hf(other, 'qwen2', intermediate_size=128)
-    with self.assertRaisesRegex(collect_inputs.InputError,
-                                'm0 and .*wide.*intermediate_size'):
-      collect.run_cli(self._flags(models=[self.dirs[0], other]))
+    with self.assertRaisesRegex(models_io.ModelDirError,
+                                'm0.* and .*wide.*intermediate_size'):
+      collect_cli.run_cli(self._flags(models=[self.dirs[0], other]))
 
   def test_error_different_tokenizer(self):
     other = os.path.join(self.tmp, 'othertok')
@@ -218,16 +224,16 @@ class CollectTest(absltest.TestCase):
     tok = testutil.make_tokenizer()
     tok.add_tokens(['<extra>'])
     tok.save_pretrained(other)
-    with self.assertRaisesRegex(collect_inputs.InputError,
+    with self.assertRaisesRegex(models_io.ModelDirError,
                                 'tokenizer of .*othertok differs'):
-      collect.run_cli(self._flags(models=[self.dirs[0], other]))
+      collect_cli.run_cli(self._flags(models=[self.dirs[0], other]))
 
   def test_error_different_param_shapes(self):
     p = dict(self.params[1])
     p['norm'] = {'scale': np.ones(self.cfg.hidden_size + 1, np.float32)}
-    with self.assertRaisesRegex(collect_inputs.InputError,
+    with self.assertRaisesRegex(models_io.ModelDirError,
                                 "a and c differ at param .*'norm'"):
-      collect_inputs.check_same_shapes(['a', 'b', 'c'],
+      models_io.check_same_shapes(['a', 'b', 'c'],
                                        [self.params[0], self.params[0], p])
 
 

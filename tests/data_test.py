@@ -9,16 +9,14 @@ import datasets
 import numpy as np
 
 import testutil
-from act_jax import data, templates
+from act_jax import data
 
 RECORDS = [{'question': 'What is 2+2?', 'answer': '4', 'text': 'alpha beta'},
            {'question': 'Capital of France?', 'answer': 'Paris',
             'text': 'gamma'},
            {'question': 'Colour of sky?', 'answer': 'blue',
             'text': 'delta epsilon zeta'}]
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                 "</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
-                 "{% endif %}")
+CHAT_TEMPLATE = testutil.CHAT_TEMPLATE
 
 
 class DataTest(absltest.TestCase):
@@ -59,7 +57,7 @@ class DataTest(absltest.TestCase):
     bad = os.path.join(self.tmp, 'bad.jsonl')
     with open(bad, 'w') as f:
       f.write('{"text": "ok"}\n{not json\n')
-    with self.assertRaisesRegex(data.DataError, 'bad.jsonl: cannot read'):
+    with self.assertRaisesRegex(data.DataError, 'bad.jsonl: line 2 is not JSON'):
       data.load_records(bad)
     with self.assertRaisesRegex(data.DataError, 'nope.jsonl: no such file'):
       data.load_records(os.path.join(self.tmp, 'nope.jsonl'))
@@ -170,8 +168,8 @@ class DataTest(absltest.TestCase):
       data.mix_sources([(a, 1.0), ([], 1.0)])
 
   def test_template_errors(self):
-    with self.assertRaisesRegex(templates.TemplateError, 'unknown template'):
-      templates.required_fields('nope', 'text', 'q', 'a')
+    with self.assertRaisesRegex(data.TemplateError, 'unknown template'):
+      data.required_fields('nope', 'text', 'q', 'a')
     with self.assertRaisesRegex(data.DataError, 'qa_format'):
       data.check_fields(RECORDS, data.DataConfig(template='qa',
                                                  qa_format='{response}'))

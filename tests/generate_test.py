@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import torch
 
-from act_jax import forward, generate, hf_convert, sharding
+from act_jax.model import forward
+from act_jax.model import generate
+from act_jax.io import hf
+from act_jax.model import sharding
 from tests import testutil
 
 
@@ -40,7 +43,7 @@ class GenerateTest(absltest.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
     cls.torch_model = testutil.make_tiny_hf(cls.tmp, 'qwen2', seed=3)
-    cls.cfg, cls.params = hf_convert.load_hf_params(cls.tmp)
+    cls.cfg, cls.params = hf.load_hf_params(cls.tmp)
     lens = [5, 9, 2, 7]
     ids = [testutil.random_tokens(1, n, cls.cfg.vocab_size, seed=i)[0]
            for i, n in enumerate(lens)]
@@ -70,7 +73,7 @@ class GenerateTest(absltest.TestCase):
                                     self.mask, max_new_tokens=8)
     eos = int(free[0, 2])  # row 0 emits this at step 2: make it the EOS
     ours = generate.greedy_generate(self.params, self.cfg, self.tokens,
-                                    self.mask, max_new_tokens=8, eos_id=eos,
+                                    self.mask, max_new_tokens=8, stop_ids=(eos,),
                                     pad_id=0)
     first = np.argmax(free == eos, axis=1)
     for r in range(len(ours)):
@@ -96,7 +99,8 @@ class GenerateTest(absltest.TestCase):
     ids = [tok('ab')['input_ids'], tok('xyz1')['input_ids']]
     t, m = generate.left_pad(ids, 0)
     gen = generate.greedy_generate(self.params, self.cfg, t, m,
-                                   max_new_tokens=8, eos_id=tok.eos_token_id)
+                                   max_new_tokens=8,
+                                   stop_ids=tok.eos_token_id)
     row = gen[0].tolist()
     if tok.eos_token_id in row:
       row = row[:row.index(tok.eos_token_id)]

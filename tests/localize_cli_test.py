@@ -22,17 +22,19 @@ import jax
 import numpy as np
 import torch
 
-from act_jax import analysis
-from act_jax import capture
-from act_jax import checkpoint
-from act_jax import forward
-from act_jax import hf_convert
-from act_jax import localize
-from act_jax import masks as masks_lib
-from act_jax import selection
-from act_jax import stats_io
-from act_jax import transfer
-from act_jax import transfer_cli
+from act_jax import localize as localize_cli
+from act_jax import transfer as transfer_cli
+from act_jax.act import analysis
+from act_jax.act import localize
+from act_jax.act import masks as masks_lib
+from act_jax.act import transfer
+from act_jax.io import atomic
+from act_jax.io import hf
+from act_jax.io import models as models_io
+from act_jax.io import params as params_io
+from act_jax.io import stats as stats_io
+from act_jax.model import capture
+from act_jax.model import forward
 import testutil
 
 PLANT_A = (3, 17, 40)  # down_proj rows, last layer
@@ -43,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def make_stats(out_dir, paths, seed=0):
   """A stats dir (stats_io layout) from one pairwise vmapped forward."""
-  loaded = [hf_convert.load_hf_params(p) for p in paths]
+  loaded = [hf.load_hf_params(p) for p in paths]
   cfg = loaded[0][0]
   stacked = forward.stack_params([p for _, p in loaded])
   tokens = testutil.random_tokens(2, 24, cfg.vocab_size, seed)
@@ -66,7 +68,7 @@ def make_stats(out_dir, paths, seed=0):
 
 def _flags(**kw):
   base = dict(score='mean_abs_diff', select='per_site', top_frac=0.05,
-              threshold=None, mass=None, site_overrides='', sites=None,
+              threshold=0.0, mass=0.8, site_overrides='', sites=None,
               unit='channel', seed=0, baselines=False, compare_stats=None,
               other_masks=[], plots=False, source='1', target='0')
   base.update(kw)
@@ -162,20 +164,20 @@ class PlantedTest(absltest.TestCase):
     self.assertTrue(set(PLANT_A) <= set(np.flatnonzero(wd['mlp.down_proj'][1])))
     # B in-process, then merge A and B into the base through the CLI.
     out_b = os.path.join(self.tmp, 'loc_b')
-    localize.run_cli(_flags(stats=self.stats_dir, out=out_b, source='b',
-                            target='base'))
+    localize_cli.run_cli(_flags(stats=self.stats_dir, out=out_b, source='b',
+                                target='base'))
     merged = os.path.join(self.tmp, 'merged')
     _run('act_jax.transfer', f'--target={self.paths[0]}',
          f'--source={self.paths[1]},{self.paths[2]}',
          f'--masks={out_a},{out_b}', f'--out={merged}', '--policy=priority')
-    _, got = checkpoint.load_model(merged)
-    _, pa = hf_convert.load_hf_params(self.paths[1])
-    _, pb = hf_convert.load_hf_params(self.paths[2])
+    _, got = models_io.load_model(merged)
+    _, pa = hf.load_hf_params(self.paths[1])
+    _, pb = hf.load_hf_params(self.paths[2])
     mlp = lambda p, m: np.asarray(p['layers']['mlp'][m]['kernel'])
     np.testing.assert_array_equal(mlp(got, 'down_proj'), mlp(pa, 'down_proj'))
     np.testing.assert_array_equal(mlp(got, 'up_proj'), mlp(pb, 'up_proj'))
     np.testing.assert_array_equal(mlp(got, 'gate_proj'), mlp(pa, 'gate_proj'))
-    meta_out = checkpoint._read_json(os.path.join(merged, checkpoint.META))
+    meta_out = atomic.read_json(os.path.join(merged, params_io.META))
     rep = meta_out['merge_report']
     # Both masks claim down_proj layer-1 channels; each is reported.
     self.assertGreater(rep['num_conflicts'], 0)
@@ -184,21 +186,21 @@ class PlantedTest(absltest.TestCase):
     single = os.path.join(self.tmp, 'single')
     transfer_cli.run_cli(_tflags(target=self.paths[0], source=[self.paths[1]],
                                  masks=[out_a], out=single))
-    _, got = checkpoint.load_model(single)
+    _, got = models_io.load_model(single)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(pa)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
   def test_bad_inputs(self):
     out = os.path.join(self.tmp, 'bad')
-    with self.assertRaisesRegex(selection.SelectError, '--top_frac'):
-      localize.run_cli(_flags(stats=self.stats_dir, out=out, top_frac=1.5))
-    with self.assertRaisesRegex(selection.SelectError, '--top_frac'):
-      localize.run_cli(_flags(stats=self.stats_dir, out=out, top_frac=0.0))
+    with self.assertRaisesRegex(localize.SelectError, '--top_frac'):
+      localize_cli.run_cli(_flags(stats=self.stats_dir, out=out, top_frac=1.5))
+    with self.assertRaisesRegex(localize.SelectError, '--top_frac'):
+      localize_cli.run_cli(_flags(stats=self.stats_dir, out=out, top_frac=0.0))
     with self.assertRaisesRegex(masks_lib.MaskError, 'known sites:'):
-      localize.run_cli(_flags(stats=self.stats_dir, out=out,
-                              sites=['mlp.fc1']))
+      localize_cli.run_cli(_flags(stats=self.stats_dir, out=out,
+                                  sites=['mlp.fc1']))
     with self.assertRaisesRegex(localize.LocalizeError, '--source'):
-      localize.run_cli(_flags(stats=self.stats_dir, out=out, source='zzz'))
+      localize_cli.run_cli(_flags(stats=self.stats_dir, out=out, source='zzz'))
     # Stats whose manifest describes another architecture than the models.
     bad_stats = os.path.join(self.tmp, 'stats_bad')
     shutil.copytree(self.stats_dir, bad_stats)
@@ -210,10 +212,10 @@ class PlantedTest(absltest.TestCase):
       json.dump(man, f)
     with self.assertRaisesRegex(localize.LocalizeError,
                                 'different architecture'):
-      localize.run_cli(_flags(stats=bad_stats, out=out, baselines=True))
+      localize_cli.run_cli(_flags(stats=bad_stats, out=out, baselines=True))
     self.assertFalse(os.path.exists(out))
     loc = os.path.join(self.tmp, 'loc_bad')
-    localize.run_cli(_flags(stats=self.stats_dir, out=loc))
+    localize_cli.run_cli(_flags(stats=self.stats_dir, out=loc))
     # Localized with source a: refusing b as source.
     with self.assertRaisesRegex(transfer.TransferError,
                                 'localized with source'):

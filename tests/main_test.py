@@ -67,16 +67,23 @@ class MainTest(absltest.TestCase):
                                                    s + '.partial')), s)
     with open(os.path.join(self.workdir, 'results.json')) as f:
       res = json.load(f)
-    rec = res['jobs']['recover']['results']
-    for cand in ('target', 'source (= full copy)', 'random', 'weight_diff',
+    rec = _results(self.workdir)['recover']['results']
+    for cand in ('target', 'source', 'random@0.2', 'weight_diff@0.2',
                  'linear', 'task_arithmetic', 'ties', 'dare',
-                 'act (no fine-tune)', 'act + fine-tune'):
+                 'act[mean_abs_diff]@0.2', 'act[mean_abs_diff]@0.2+ft',
+                 'act[mean_abs_diff]@0.5', 'random@0.5'):
       self.assertIn(cand, rec)
       self.assertEqual(set(rec[cand]),
                        {'arithmetic', 'lang_a', 'lang_b', 'reverse'})
       self.assertBetween(rec[cand]['arithmetic']['exact_match'], 0.0, 1.0)
       self.assertGreater(rec[cand]['lang_a']['perplexity'], 1.0)
-    self.assertIn('spec_reverse', res['jobs']['merge']['results'])
+      # Every value in the report carries its interval.
+      lo, hi = res['jobs']['recover']['values'][cand]['lang_a']['ci']
+      self.assertLessEqual(lo, rec[cand]['lang_a']['perplexity'])
+      self.assertGreaterEqual(hi, rec[cand]['lang_a']['perplexity'])
+    self.assertIn('spec_reverse', _results(self.workdir)['merge']['results'])
+    verdicts = {c['verdict'] for c in res['jobs']['recover']['comparisons']}
+    self.assertLessEqual(verdicts, {'better', 'worse', 'within noise'})
     for group in ('concentration', 'overlap', 'act_vs_weight', 'stability'):
       self.assertNotEmpty(res['analysis'][group])
     self.assertTrue(os.path.isfile(os.path.join(self.workdir, 'report.md')))

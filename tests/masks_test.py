@@ -7,9 +7,9 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from act_jax import forward
-from act_jax import masks
-from act_jax.model_config import ModelConfig
+from act_jax.model import forward
+from act_jax.act import masks
+from act_jax.model.config import ModelConfig
 
 CFG = ModelConfig(model_type='llama', vocab_size=20, hidden_size=16,
                   intermediate_size=24, num_layers=2, num_heads=4,

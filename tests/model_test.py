@@ -1,7 +1,7 @@
 """Converted tiny HF models give transformers' PyTorch logits; model invariants.
 
 Each case saves a random tiny transformers model with `save_pretrained`,
-converts it with `hf_convert.load_hf_params` and compares logits on one
+converts it with `hf.load_hf_params` and compares logits on one
 padded batch: a full row, a right-padded row and a left-padded row (torch gets
 explicit `position_ids = cumsum(mask) - 1`, which is also our default).
 One jitted forward is compiled per config and reused by the invariant tests.
@@ -19,10 +19,10 @@ import numpy as np
 import testutil
 import torch
 
-from act_jax import capture as capture_lib
-from act_jax import forward
-from act_jax import hf_convert
-from act_jax import model as model_lib
+from act_jax.model import capture as capture_lib
+from act_jax.model import forward
+from act_jax.io import hf
+from act_jax.model import decoder as model_lib
 
 TOL = 1e-4  # fp32 logits, transformers vs act-jax
 BATCH, LENGTH = 3, 24
@@ -106,7 +106,7 @@ class TransformersParityTest(parameterized.TestCase):
     hf_dir = tempfile.mkdtemp(dir=self.root)
     model = testutil.make_tiny_hf(hf_dir, family, seed=0, tokenizer=False,
                                   **overrides)
-    cfg, params = hf_convert.load_hf_params(hf_dir)
+    cfg, params = hf.load_hf_params(hf_dir)
     tokens, mask = padded_batch(cfg.vocab_size)
     ours, _ = _forward(params, tokens, mask, cfg)
     ref = torch_logits(model, tokens, mask)
@@ -119,7 +119,7 @@ class TransformersParityTest(parameterized.TestCase):
     hf_dir = tempfile.mkdtemp(dir=self.root)
     testutil.tiny_hf_config('llama', rope_parameters=LLAMA3_ROPE
                            ).save_pretrained(hf_dir)
-    cfg = hf_convert.load_hf_config(hf_dir)
+    cfg = hf.load_hf_config(hf_dir)
     self.assertEqual(cfg.rope_type, 'llama3')
     scaled = np.asarray(model_lib.rope_inv_freq(cfg))
     plain = np.asarray(model_lib.rope_inv_freq(cfg.replace(
@@ -130,7 +130,7 @@ class TransformersParityTest(parameterized.TestCase):
     hf_dir = tempfile.mkdtemp(dir=self.root)
     testutil.make_tiny_hf(hf_dir, 'mistral', tokenizer=False,
                           sliding_window=WINDOW)
-    cfg, params = hf_convert.load_hf_params(hf_dir)
+    cfg, params = hf.load_hf_params(hf_dir)
     self.assertEqual(cfg.sliding_windows, (WINDOW,) * cfg.num_layers)
     tokens, mask = padded_batch(cfg.vocab_size)
     windowed, _ = _forward(params, tokens, mask, cfg)
@@ -156,7 +156,7 @@ class InvariantsTest(absltest.TestCase):
       hf_dir = f'{cls.root}/llama_{seed}'
       cls.models.append(testutil.make_tiny_hf(hf_dir, 'llama', seed=seed,
                                               tokenizer=False))
-      cfg, params = hf_convert.load_hf_params(hf_dir)
+      cfg, params = hf.load_hf_params(hf_dir)
       cls.params.append(params)
     cls.cfg = cfg
     cls.tokens, cls.mask = padded_batch(cfg.vocab_size)
@@ -239,7 +239,7 @@ class InvariantsTest(absltest.TestCase):
 
   def test_bf16_params_close_to_fp32(self):
     hf_dir = f'{self.root}/llama_0'
-    cfg16, params16 = hf_convert.load_hf_params(
+    cfg16, params16 = hf.load_hf_params(
         hf_dir, self.cfg.replace(dtype='bfloat16'), param_dtype='bfloat16')
     self.assertEqual(params16['norm']['scale'].dtype, jnp.bfloat16)
     ours16, _ = _forward(params16, self.tokens, self.mask, cfg16)

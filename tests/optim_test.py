@@ -5,8 +5,11 @@ import jax
 import numpy as np
 import optax
 
-from act_jax import forward, optim, sharding, train
-from act_jax.model_config import ModelConfig
+from act_jax.model import forward
+from act_jax.train import optim
+from act_jax.model import sharding
+from act_jax.train import finetune
+from act_jax.model.config import ModelConfig
 
 CFG = ModelConfig(model_type='llama', vocab_size=48, hidden_size=32,
                   intermediate_size=48, num_layers=2, num_heads=4,
@@ -41,7 +44,7 @@ def tcfg(**kw):
               batch_size=8, max_seq_len=12, scope='channels', save_every=0,
               log_every=100)
   base.update(kw)
-  return train.TrainConfig(**base)
+  return finetune.TrainConfig(**base)
 
 
 class OptimTest(absltest.TestCase):
@@ -57,9 +60,9 @@ class OptimTest(absltest.TestCase):
     # One device: these tests are about update math, not sharding (which
     # train_test covers), and a 1-device step compiles much faster.
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    out = train.finetune(tcfg(**kw), p, CFG, self.batches, mesh=mesh,
-                         mask=channel_mask() if kw.get('scope') != 'full'
-                         else None)
+    out = finetune.finetune(tcfg(**kw), p, CFG, self.batches, mesh=mesh,
+                            mask=channel_mask() if kw.get('scope') != 'full'
+                            else None)
     return jax.device_get(out)
 
   def test_channels_freeze_bitwise_and_lean_matches(self):

@@ -8,11 +8,18 @@ import tempfile
 from absl.testing import absltest
 import ml_collections
 
-from act_jax import main as main_lib
-from act_jax import preflight
-from act_jax import stages
 import testutil
-from act_jax.toy import tokenizer as toy_tokenizer
+from act_jax.cases.toy import tokenizer as toy_tokenizer
+from act_jax.io import models as models_io
+from act_jax.pipeline import jobs
+from act_jax.pipeline import preflight
+from act_jax.pipeline import run as run_lib
+from act_jax.pipeline import runner
+
+
+def check(config):
+  """Pre-flight of a config, as `act_jax.main` does it."""
+  preflight.check_plan(jobs.plan_from_config(config, '/tmp/unused'))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,19 +70,19 @@ class PreflightTest(absltest.TestCase):
       c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
       c.localize[field] = value
       with self.assertRaisesRegex(preflight.PreflightError, flag):
-        preflight.check_config(c)
+        check(c)
     c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
     c.mode = 'recover,fly'
-    with self.assertRaisesRegex(preflight.PreflightError, 'config.mode'):
-      preflight.check_config(c)
+    with self.assertRaisesRegex(jobs.ConfigError, 'config.mode'):
+      check(c)
     c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
     c.recover.target = 'nobody'
     with self.assertRaisesRegex(preflight.PreflightError, "'nobody'"):
-      preflight.check_config(c)
+      check(c)
     c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
     c.train.batch_size, c.train.grad_accum = 6, 4
     with self.assertRaisesRegex(preflight.PreflightError, 'grad_accum'):
-      preflight.check_config(c)
+      check(c)
 
   def test_missing_checkpoint_directory(self):
     src = os.path.join(self.tmp, 'src')
@@ -84,7 +91,7 @@ class PreflightTest(absltest.TestCase):
     work = os.path.join(self.tmp, 'work')
     with self.assertRaisesRegex(preflight.PreflightError,
                                 f'missing checkpoint directory {missing}'):
-      main_lib.run(_recover(src, missing, self.data), work)
+      run_lib.run_pipeline(_recover(src, missing, self.data), work)
     self.assertFalse(os.path.exists(os.path.join(work, 'convert')))
 
   def test_models_must_share_architecture(self):
@@ -94,32 +101,32 @@ class PreflightTest(absltest.TestCase):
     with self.assertRaisesRegex(preflight.PreflightError,
                                 'do not share an architecture.*'
                                 'intermediate_size'):
-      main_lib.run(_recover(a, b, self.data), os.path.join(self.tmp, 'w'))
+      run_lib.run_pipeline(_recover(a, b, self.data), os.path.join(self.tmp, 'w'))
 
   def test_models_must_share_tokenizer(self):
     a, b = os.path.join(self.tmp, 'a'), os.path.join(self.tmp, 'b')
     testutil.make_tiny_hf(a, seed=0)
     testutil.make_tiny_hf(b, seed=1, tokenizer=False)
     toy_tokenizer.make_tokenizer(b)  # same vocab size class, other ids
-    with self.assertRaisesRegex(preflight.PreflightError,
+    with self.assertRaisesRegex(models_io.ModelDirError,
                                 'do not share a tokenizer'):
-      preflight.check_models({'a': a, 'b': b})
+      models_io.check_related({'a': a, 'b': b})
 
   def test_stage_with_missing_inputs(self):
     c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
     c.stages = 'localize'
     work = os.path.join(self.tmp, 'w')
-    with self.assertRaisesRegex(stages.StageError,
+    with self.assertRaisesRegex(runner.StageError,
                                 r'localize needs .*/convert/ .*\n.*'
                                 r'localize needs .*/collect/'):
-      main_lib.run(c, work)
+      run_lib.run_pipeline(c, work)
     self.assertEqual(os.listdir(work) if os.path.exists(work) else [], [])
 
   def test_unknown_stage_name(self):
     c = _config(os.path.join(REPO, 'configs', 'demo.py'), 'tiny')
     c.stages = 'collect,polish'
-    with self.assertRaisesRegex(stages.StageError, "unknown stages.*polish"):
-      main_lib.run(c, os.path.join(self.tmp, 'w'))
+    with self.assertRaisesRegex(runner.StageError, "unknown stages.*polish"):
+      run_lib.run_pipeline(c, os.path.join(self.tmp, 'w'))
 
 
 if __name__ == '__main__':

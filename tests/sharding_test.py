@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import testutil
 
-from act_jax import forward
-from act_jax import hf_convert
-from act_jax import sharding
+from act_jax.model import forward
+from act_jax.io import hf
+from act_jax.model import sharding
 
 VOCAB = 99  # odd: cannot be split over tensor=2
 BATCH, LENGTH = 4, 16
@@ -41,8 +41,8 @@ class ShardedForwardTest(absltest.TestCase):
 
   def test_sharded_forward_equals_unsharded(self):
     mesh = self.mesh
-    cfg, params = hf_convert.load_hf_params(self.root)
-    cfg_s, params_s = hf_convert.load_hf_params(self.root, mesh=mesh)
+    cfg, params = hf.load_hf_params(self.root)
+    cfg_s, params_s = hf.load_hf_params(self.root, mesh=mesh)
     self.assertEqual(cfg, cfg_s)
     shardings = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
                                         forward.abstract_params(cfg))

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import transformers
 
-from act_jax import checkpoint
-from act_jax import forward
-from act_jax import hf_convert
-from act_jax.smollm2 import weights
+from act_jax.io import models as models_io
+from act_jax.model import forward
+from act_jax.io import hf
+from act_jax.cases.smollm2 import weights
 
 TEXTS = (
     'The history of the city begins with a small fishing village on the '
@@ -55,13 +55,13 @@ class SmolLM2Test(absltest.TestCase):
 
   def test_converted_model_agrees_with_transformers(self):
     hf_dir = weights.smollm2_hf_dir()
-    tok = checkpoint.load_tokenizer(hf_dir)
+    tok = models_io.load_tokenizer(hf_dir)
     batch = tok(list(TEXTS), padding=True, return_tensors='np')
     tokens, mask = batch['input_ids'], batch['attention_mask']
     n_tokens = int(mask.sum())
     self.assertGreater(n_tokens, 250)
 
-    cfg, params = hf_convert.load_hf_params(hf_dir)
+    cfg, params = hf.load_hf_params(hf_dir)
     self.assertEqual((cfg.num_layers, cfg.hidden_size, cfg.num_heads,
                       cfg.num_kv_heads, cfg.vocab_size),
                      (30, 576, 9, 3, 49152))

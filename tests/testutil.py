@@ -7,6 +7,7 @@ Everything is built offline with transformers' own classes and
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import string
 
@@ -23,11 +24,17 @@ FAMILIES = {
 }
 
 _CHARS = string.ascii_letters + string.digits + string.punctuation + ' \n'
+# A minimal chat template: each turn ends with the EOS token, so greedy
+# generation stops at the end of the assistant's turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                 "</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
+                 "{% endif %}")
 
 
-def make_tokenizer(out_dir: str | None = None
+def make_tokenizer(out_dir: str | None = None, chat: bool = False
                   ) -> transformers.PreTrainedTokenizerFast:
-  """A character-level tokenizer (vocab ~100) with pad/bos/eos/unk tokens."""
+  """A character-level tokenizer (vocab ~100) with pad/bos/eos/unk tokens;
+  with `chat`, also `CHAT_TEMPLATE`."""
   specials = ['<pad>', '<s>', '</s>', '<unk>']
   vocab = {t: i for i, t in enumerate(specials + list(_CHARS))}
   tok = tokenizers.Tokenizer(
@@ -37,6 +44,8 @@ def make_tokenizer(out_dir: str | None = None
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, pad_token='<pad>', bos_token='<s>',
       eos_token='</s>', unk_token='<unk>')
+  if chat:
+    fast.chat_template = CHAT_TEMPLATE
   if out_dir is not None:
     fast.save_pretrained(out_dir)
   return fast
@@ -56,6 +65,7 @@ def tiny_hf_config(family: str = 'llama', **overrides):
 
 def make_tiny_hf(out_dir: str, family: str = 'llama', seed: int = 0,
                  dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+                 chat: bool = False,
                  **overrides) -> transformers.PreTrainedModel:
   """Saves a random tiny `family` model (+ tokenizer) to `out_dir`."""
   torch.manual_seed(seed)
@@ -69,7 +79,7 @@ def make_tiny_hf(out_dir: str, family: str = 'llama', seed: int = 0,
   model = model.to(dtype)
   model.save_pretrained(out_dir)
   if tokenizer:
-    make_tokenizer(out_dir)
+    make_tokenizer(out_dir, chat=chat)
   return model
 
 
@@ -83,15 +93,27 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
 
 
-def toy_case_config(config_file: str, source: str, cache: str):
-  """`get_config('case_toy')` of `configs/<config_file>` with the source
-  checkpoint and cache directory set (the SmolLM2 cases at toy size)."""
+def load_config(config_file: str, *args):
+  """`get_config(*args)` of `configs/<config_file>`, loaded by path as
+  config_flags does (configs/ is no package)."""
   path = os.path.join(CONFIGS_DIR, config_file)
   spec = importlib.util.spec_from_file_location(
       'act_config_' + os.path.splitext(config_file)[0], path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config('case_toy')
-  c.models.source = source
-  c.cache_dir = cache
+  return mod.get_config(*args)
+
+
+def toy_case_config(config_file: str, source: str, cache: str):
+  """`get_config('toy')` of a SmolLM2 study config with the source
+  checkpoint and cache directory set (the SmolLM2 studies at toy size)."""
+  c = load_config(config_file, 'toy')
+  c.case.source = source
+  c.case.cache_dir = cache
   return c
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Records of a JSONL file (a reference reader for the tests)."""
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]

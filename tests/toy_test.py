@@ -7,9 +7,20 @@ import jax
 import numpy as np
 import transformers
 
-from act_jax import forward
-from act_jax.model_config import ModelConfig
-from act_jax.toy import abilities, batches, build, metrics, tokenizer
+from act_jax import data
+from act_jax.cases.toy import abilities
+from act_jax.cases.toy import batches
+from act_jax.cases.toy import build
+from act_jax.cases.toy import tokenizer
+from act_jax.eval import metrics as eval_metrics
+from act_jax.model import forward
+from act_jax.model.config import ModelConfig
+
+
+def _tok():
+  d = tempfile.mkdtemp()
+  tokenizer.make_tokenizer(d)
+  return transformers.AutoTokenizer.from_pretrained(d)
 
 
 def _tiny_cfg():
@@ -57,14 +68,14 @@ class TokenizerBatchesTest(absltest.TestCase):
                      [tokenizer.BOS_ID] + tokenizer.encode(text))
     self.assertEqual(tokenizer.decode(tokenizer.encode(text)), text)
 
-  def test_answer_scope_scores_answer_and_eos_only(self):
+  def test_scoring_counts_answer_and_eos_only(self):
     recs = [{'prompt': '1+2=', 'answer': '3', 'text': '1+2=3'}]
-    arr = batches.encode_records(recs, 12, scope='answer')
-    ids = arr['tokens_bt'][0]
-    scored = ids[arr['loss_mask_bt'][0] > 0].tolist()
+    b = data.load_batches(build.eval_data_config(12), _tok(), recs)[0][0]
+    ids = b['tokens_bt'][0]
+    scored = ids[b['token_mask_bt'][0] > 0].tolist()
     self.assertEqual(scored, tokenizer.encode('3') + [tokenizer.EOS_ID])
-    with self.assertRaisesRegex(ValueError, 'needs 7 tokens'):
-      batches.encode_records(recs, 6)
+    self.assertEqual(ids[:6].tolist(), [tokenizer.BOS_ID] +
+                     tokenizer.encode('1+2=3'))
 
   def test_packing_keeps_examples_whole(self):
     recs = abilities.records('arithmetic', 40, 0)
@@ -83,19 +94,25 @@ class MetricsTest(absltest.TestCase):
     params = forward.init_params(cfg, jax.random.key(1))
     params = jax.tree.map(lambda x: x * 20, params)  # peaky logits
     prompts = ['12+3=', 'ABC>', '7+1=']
-    got = metrics.greedy_answers(params, cfg, prompts, num_new=4)
-    for p, g in zip(prompts, got):
+    tok = _tok()
+    items = data.generation_items(
+        [{'prompt': p, 'answer': '0'} for p in prompts], tok,
+        build.eval_data_config(32))
+    res = eval_metrics.generation(params, cfg, tok, items, max_new_tokens=4)
+    for p, g in zip(prompts, [i['generation'] for i in res['items']]):
       ids = [tokenizer.BOS_ID] + tokenizer.encode(p)
       for _ in range(4):
         logits = forward.apply(params, np.asarray([ids]), cfg).logits
         ids.append(int(np.argmax(logits[0, -1])))
-      self.assertEqual(g, tokenizer.decode(ids[1 + len(tokenizer.encode(p)):]))
+      self.assertEqual(g, tokenizer.decode(ids[1 + len(tokenizer.encode(
+          p)):]))
 
   def test_perplexity_of_random_model_is_near_vocab_size(self):
     cfg = _tiny_cfg()
     params = forward.init_params(cfg, jax.random.key(0))
-    ppl = metrics.perplexity(params, cfg, abilities.records('lang_a', 8, 0),
-                             48, batch_size=8)
+    recs = abilities.records('lang_a', 8, 0)
+    batch = data.load_batches(build.eval_data_config(48), _tok(), recs)[0]
+    ppl = eval_metrics.perplexity(params, cfg, batch)['ppl']
     self.assertBetween(ppl, 0.5 * cfg.vocab_size, 2.0 * cfg.vocab_size)
 
 

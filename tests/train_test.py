@@ -1,4 +1,4 @@
-"""Tests for train.py: learning, resume after SIGKILL, NaN stop, bad input."""
+"""Tests for finetune.py: learning, resume after SIGKILL, NaN stop, bad input."""
 
 import json
 import os
@@ -14,7 +14,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from act_jax import data, forward, metrics_log, optim, sharding, train
+from act_jax import data
+from act_jax.model import forward
+from act_jax.train import metrics as train_metrics
+from act_jax.train import optim
+from act_jax.model import sharding
+from act_jax.train import finetune
 from tests import testutil
 from tests.optim_test import CFG, channel_mask, tcfg, toy_batches
 
@@ -28,7 +33,8 @@ RUN_SCRIPT = textwrap.dedent('''
     jax.config.update('jax_default_matmul_precision', 'highest')
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from act_jax import forward, train
+    from act_jax.model import forward
+    from act_jax.train import finetune
     from tests.optim_test import CFG, channel_mask, tcfg, toy_batches
     workdir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
     batches = toy_batches(5)
@@ -36,7 +42,7 @@ RUN_SCRIPT = textwrap.dedent('''
       time.sleep(delay)
       return batches[(step * 3) % 5]
     params = forward.init_params(CFG, jax.random.key(0))
-    p = train.finetune(tcfg(num_steps=10, save_every=2, log_every=1), params,
+    p = finetune.finetune(tcfg(num_steps=10, save_every=2, log_every=1), params,
                        CFG, batch_fn, mask=channel_mask(), workdir=workdir)
     np.savez(out + '.tmp.npz', *[np.asarray(x) for x in jax.tree.leaves(p)])
     os.replace(out + '.tmp.npz', out)
@@ -105,7 +111,7 @@ class TrainTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     tc = tcfg(scope='full', num_steps=30, lr=1e-2, weight_decay=0.0,
               grad_accum=2, save_every=0, log_every=10)
-    train.finetune(tc, self._fresh(), CFG, toy_batches(6), workdir=workdir)
+    finetune.finetune(tc, self._fresh(), CFG, toy_batches(6), workdir=workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       rows = [json.loads(line) for line in f]
     self.assertEqual([r['step'] for r in rows], list(range(1, 31)))
@@ -113,7 +119,7 @@ class TrainTest(absltest.TestCase):
     self.assertLess(last, 0.5 * first)
     self.assertTrue(all(r['tokens_per_s'] > 0 for r in rows))
     tb_dir = os.path.join(workdir, 'tb')
-    events = metrics_log.read_tb_scalars(
+    events = train_metrics.read_tb_scalars(
         os.path.join(tb_dir, os.listdir(tb_dir)[0]))
     tb_loss = [v for s, t, v in events if t == 'loss']
     np.testing.assert_allclose(tb_loss, [r['loss'] for r in rows], rtol=1e-6)
@@ -125,7 +131,7 @@ class TrainTest(absltest.TestCase):
     for accum, dt in ((1, 'float32'), (2, 'float32'), (1, 'bfloat16')):
       tc = tcfg(num_steps=3, grad_accum=accum, compute_dtype=dt)
       given = jax.device_put(self._fresh(), jax.devices()[0])
-      runs[(accum, dt)] = jax.device_get(train.finetune(
+      runs[(accum, dt)] = jax.device_get(finetune.finetune(
           tc, given, CFG, toy_batches(3), mask=channel_mask(),
           mesh=mesh))
       # The step donates buffers; the caller's params must survive intact.
@@ -147,16 +153,16 @@ class TrainTest(absltest.TestCase):
     opt = optim.make_optimizer(tc, self.params, channel_mask())
     psh = sharding.tree_shardings(mesh, forward.logical_axes(CFG),
                                   self.params)
-    ssh = train._state_shardings(mesh, opt.tx, self.params, psh)
+    ssh = finetune._state_shardings(mesh, opt.tx, self.params, psh)
     specs = {str(s.spec) for s in jax.tree.leaves(ssh)}
     self.assertIn("P(None, 'fsdp', 'tensor')", specs)  # moments follow params
-    out = train.finetune(tc, self._fresh(), CFG, toy_batches(2),
-                         mask=channel_mask(), mesh=mesh)
+    out = finetune.finetune(tc, self._fresh(), CFG, toy_batches(2),
+                            mask=channel_mask(), mesh=mesh)
     self.assertEqual(
         str(out['layers']['self_attn']['q_proj']['kernel'].sharding.spec),
         "P(None, 'fsdp', 'tensor')")
-    one = train.finetune(tc, self._fresh(), CFG, toy_batches(2),
-                         mask=channel_mask(), mesh=sharding.make_mesh(
+    one = finetune.finetune(tc, self._fresh(), CFG, toy_batches(2),
+                            mask=channel_mask(), mesh=sharding.make_mesh(
                              (1, 1, 1), devices=jax.devices()[:1]))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(one)):
       # Adam normalizes tiny gradients, so summation-order noise shows at
@@ -168,10 +174,10 @@ class TrainTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     tc = tcfg(scope='full', num_steps=6, lr=1e38, warmup_frac=0.0,
               schedule='constant', clip_norm=0.0, save_every=1)
-    with self.assertRaisesRegex(train.TrainingDivergedError,
+    with self.assertRaisesRegex(finetune.TrainingDivergedError,
                                 r'non-finite loss .* in step 2 of 6.*last '
                                 r'good checkpoint: step 1'):
-      train.finetune(tc, self._fresh(), CFG, toy_batches(3), workdir=workdir)
+      finetune.finetune(tc, self._fresh(), CFG, toy_batches(3), workdir=workdir)
     self.assertEqual(_ckpt_steps(workdir), [1])
     mgr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
     restored = mgr.restore(1, args=ocp.args.Composite(
@@ -183,37 +189,38 @@ class TrainTest(absltest.TestCase):
   def test_bad_input_errors(self):
     tc = tcfg(num_steps=2)
     with self.assertRaisesRegex(ValueError, 'fine-tune set is empty'):
-      train.finetune(tc, self.params, CFG, [], mask=channel_mask())
+      finetune.finetune(tc, self.params, CFG, [], mask=channel_mask())
     with self.assertRaisesRegex(ValueError, 'fine-tune set is empty'):
-      train.finetune(tc, self.params, CFG, iter([]), mask=channel_mask())
+      finetune.finetune(tc, self.params, CFG, iter([]), mask=channel_mask())
     long = toy_batches(1, length=16)
     with self.assertRaisesRegex(ValueError, r'length 16 > '
                                 r'train.max_seq_len=12 \(8 sequences'):
-      train.finetune(tc, self.params, CFG, long, mask=channel_mask())
-    src = train.BatchSource(long, tcfg(overlength='truncate'), CFG.vocab_size)
+      finetune.finetune(tc, self.params, CFG, long, mask=channel_mask())
+    src = finetune.BatchSource(long, tcfg(overlength='truncate'), CFG.vocab_size)
     self.assertEqual(src.get(0)['tokens_bt'].shape, (8, 12))
     self.assertEqual(src.num_truncated, 8)
     bad = dict(toy_batches(1)[0])
     bad['tokens_bt'] = bad['tokens_bt'] + 100
     with self.assertRaisesRegex(ValueError, 'outside the vocabulary'):
-      train.finetune(tc, self.params, CFG, [bad], mask=channel_mask())
+      finetune.finetune(tc, self.params, CFG, [bad], mask=channel_mask())
     with self.assertRaisesRegex(ValueError, r"missing keys \['loss_mask_bt'\]"):
-      train.finetune(tc, self.params, CFG, [{
+      finetune.finetune(tc, self.params, CFG, [{
           'tokens_bt': bad['tokens_bt'], 'attention_mask_bt':
               bad['attention_mask_bt']}], mask=channel_mask())
     with self.assertRaisesRegex(ValueError, 'unknown fields'):
-      train.check_train_config({'num_step': 3})
+      finetune.check_train_config({'num_step': 3})
     with self.assertRaisesRegex(ValueError, 'grad_accum'):
-      train.check_train_config(tcfg(grad_accum=3))
+      finetune.check_train_config(tcfg(grad_accum=3))
 
   def test_sft_batches_via_data(self):
     tok = testutil.make_tokenizer()
+    # What the pipeline's SFT rendering asks of data.py (stages.data_config).
     dcfg = data.DataConfig(template='qa', prompt_field='question',
                            response_field='answer', max_seq_len=32,
-                           batch_size=2, add_eos=True)
+                           batch_size=2, add_eos=True, loss_on='response')
     recs = [{'question': 'a+b?', 'answer': 'ab'},
             {'question': 'c?', 'answer': 'cc'}]
-    batches, info = train.sft_batches(dcfg, tok, recs)
+    batches, info = data.load_batches(dcfg, tok, recs)
     self.assertEqual(info['loss_on'], 'response')
     b = batches[0]
     # loss only on response tokens (+ EOS); prompt tokens carry none
@@ -222,11 +229,11 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(int(b['attention_mask_bt'][0].sum()), len(text_ids) + 1)
     self.assertEqual(b['tokens_bt'][0, len(text_ids)], tok.eos_token_id)
     with self.assertRaisesRegex(data.DataError, "no field 'answer'"):
-      train.sft_batches(dcfg, tok, [{'question': 'x'}])
+      data.load_batches(dcfg, tok, [{'question': 'x'}])
     with self.assertRaisesRegex(data.DataError, 'empty'):
-      train.sft_batches(dcfg, tok, [])
+      data.load_batches(dcfg, tok, [])
     with self.assertRaisesRegex(data.DataError, 'max_seq_len'):
-      train.sft_batches(data.DataConfig(
+      data.load_batches(data.DataConfig(
           template='qa', prompt_field='question', response_field='answer',
           max_seq_len=8, overflow='error'), tok, recs)
 

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from act_jax import forward
-from act_jax import masks as masks_lib
-from act_jax import transfer
-from act_jax.model_config import ModelConfig
+from act_jax.model import forward
+from act_jax.act import masks as masks_lib
+from act_jax.act import transfer
+from act_jax.model.config import ModelConfig
 
 CFG = ModelConfig(model_type='qwen2', vocab_size=50, hidden_size=32,
                   intermediate_size=48, num_layers=2, num_heads=4,

@@ -1,0 +1,132 @@
+"""What every act-jax command line shares.
+
+`run(main)` is `absl.app.run` with one rule: a bad flag, a missing input or
+any pre-flight error prints ONE line naming what to fix (`error: ...`) and
+exits with status 2, no traceback; unexpected errors keep their traceback.
+`define_section_flags(cls)` defines one flag per field of a config section
+dataclass, named exactly as the config field and documented by the field's
+own trailing comment, so `--top_frac` of `act_jax.localize` is
+`--config.localize.top_frac` of `act_jax.main`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import typing
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+
+from act_jax import data
+from act_jax.act import localize
+from act_jax.act import masks
+from act_jax.act import transfer
+from act_jax.io import hf
+from act_jax.io import models
+from act_jax.io import params
+from act_jax.io import stats
+from act_jax.model import config as model_config
+from act_jax.pipeline import jobs
+from act_jax.pipeline import preflight
+from act_jax.pipeline import runner
+
+# Errors that are the user's to fix: shown as one line, exit status 2.
+USER_ERRORS = (
+    app.UsageError, jobs.ConfigError, preflight.PreflightError,
+    runner.StageError, data.DataError, data.TemplateError,
+    models.ModelDirError, hf.ConversionError, params.CheckpointError,
+    model_config.ConfigError, masks.MaskError, localize.ScoreError,
+    localize.SelectError, localize.LocalizeError, transfer.TransferError,
+    stats.StatsError, FileExistsError, FileNotFoundError,
+)
+
+
+def fail(message: str) -> None:
+  """Prints `error: <message>` on one line to stderr and exits with 2."""
+  line = '; '.join(s.strip() for s in str(message).splitlines() if s.strip())
+  print(f'error: {line}', file=sys.stderr)
+  sys.exit(2)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` with one-line errors (see module docstring)."""
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f'{e} (see --help)')
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      fail(f'{type(e).__name__}: {e}' if isinstance(
+          e, (FileExistsError, FileNotFoundError)) else str(e))
+
+  app.run(wrapped, flags_parser=parse)
+
+
+def field_help(cls) -> dict[str, str]:
+  """`{field: its trailing comment}` from the dataclass's source."""
+  out = {}
+  for klass in reversed(cls.__mro__):
+    if not dataclasses.is_dataclass(klass):
+      continue
+    try:
+      src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
+      continue
+    lines = src.splitlines()
+    for node in ast.walk(ast.parse(src)):
+      if isinstance(node, ast.AnnAssign) and isinstance(node.target,
+                                                        ast.Name):
+        line = lines[node.end_lineno - 1]
+        if '#' in line:
+          out[node.target.id] = line.split('#', 1)[1].strip()
+  return out
+
+
+def define_section_flags(cls, only: tuple[str, ...] | None = None,
+                         defaults: dict[str, Any] | None = None,
+                         rename: dict[str, str] | None = None) -> None:
+  """One absl flag per field of the config-section dataclass `cls`.
+
+  Args:
+    cls: a section dataclass (jobs.CollectConfig, ...).
+    only: the fields to define (default all).
+    defaults: other defaults than the dataclass's.
+    rename: `{field: flag name}` for a field whose name would clash.
+  """
+  hints = typing.get_type_hints(cls)
+  helps = field_help(cls)
+  for f in dataclasses.fields(cls):
+    if not f.init or (only is not None and f.name not in only):
+      continue
+    name = (rename or {}).get(f.name, f.name)
+    default = (defaults or {}).get(f.name, f.default)
+    doc = helps.get(f.name, f.name)
+    kind = hints[f.name]
+    if kind is bool:
+      flags.DEFINE_bool(name, default, doc)
+    elif kind is int:
+      flags.DEFINE_integer(name, default, doc)
+    elif kind is float:
+      flags.DEFINE_float(name, default, doc)
+    else:
+      flags.DEFINE_string(name, default, doc)
+
+
+def section_from_flags(cls, fl, only: tuple[str, ...] | None = None,
+                       rename: dict[str, str] | None = None):
+  """`cls(**flag values)` for the fields `define_section_flags` defined."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.init and (only is None or f.name in only):
+      values[f.name] = getattr(fl, (rename or {}).get(f.name, f.name))
+  return cls(**values)

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity, multiple choice, greedy generation with answer
+matching, each with per-item outcomes."""

@@ -1,0 +1,144 @@
+"""Model card (README.md) for an ACT result, and its HF export.
+
+The card records what produced the model: source and target checkpoints,
+channel counts per site (and per layer), probe data, fine-tune data and
+hyperparameters, and the before/after metrics table (eval_metrics.format_table).
+`export_hf` writes the fine-tuned params with `hf.save_hf` (sharded
+safetensors + config.json + tokenizer files, atomically) and that card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from act_jax.io import hf
+from act_jax.model.config import ModelConfig
+
+
+def _as_dict(x) -> dict[str, Any]:
+  if x is None:
+    return {}
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  if hasattr(x, 'to_dict'):
+    return x.to_dict()
+  return dict(x)
+
+
+def channel_table(mask: Mapping[str, Any]) -> str:
+  """Markdown: per site, selected channels per layer, total and fraction.
+
+  `mask` is a compact channel mask `{site: [L, C] bool}` (masks.py).
+  """
+  lines = ['| site | per layer | total | of | fraction |',
+           '|---|---|---|---|---|']
+  grand = grand_of = 0
+  for site in sorted(mask):
+    m = np.asarray(mask[site], bool)
+    per = m.reshape(m.shape[0], -1).sum(-1).tolist()
+    total, of = int(m.sum()), int(m.size)
+    grand, grand_of = grand + total, grand_of + of
+    lines.append(f'| {site} | {per} | {total} | {of} | {total / of:.4f} |')
+  if grand_of:
+    lines.append(f'| **all** | | {grand} | {grand_of} | '
+                 f'{grand / grand_of:.4f} |')
+  return '\n'.join(lines)
+
+
+def build_model_card(*, name: str, cfg: ModelConfig,
+                     sources: Mapping[str, str], target: str,
+                     mask: Mapping[str, Any] | None = None,
+                     probe_data: Mapping[str, Any] | None = None,
+                     finetune_data: Mapping[str, Any] | None = None,
+                     train_cfg: Any = None,
+                     results: Mapping[str, Any] | None = None,
+                     notes: str = '') -> str:
+  """The README.md text.
+
+  Args:
+    name: model name (card title).
+    cfg: the model config.
+    sources: `{ability: source checkpoint path or name}`.
+    target: the checkpoint that received the channels.
+    mask: compact channel mask `{site: [L, C]}` that was transferred.
+    probe_data: `{ability: description / path / size}` used to localize.
+    finetune_data: description of the fine-tune mixture (paths, weights,
+      sizes; e.g. data.load_batches' info).
+    train_cfg: the train sub-config (dataclass or ConfigDict).
+    results: `{model: {ability: {metric: value}}}` from evaluate_models.
+    notes: free text appended at the end.
+  """
+  out = [f'# {name}', '',
+         'Produced with act-jax (Activation-Guided Channel-wise Ability '
+         'Transfer): channels localized by activation difference were '
+         'transplanted from the source(s) into the target, then fine-tuned '
+         'briefly with only those channels trainable.', '',
+         '## Models', '', f'- target: `{target}`']
+  out += [f'- source for `{a}`: `{s}`' for a, s in sources.items()]
+  out += ['', f'Architecture: `{cfg.model_type}`, {cfg.num_layers} layers, '
+          f'hidden {cfg.hidden_size}, vocab {cfg.vocab_size}.', '']
+  if mask is not None:
+    out += ['## Transferred channels', '', channel_table(mask), '']
+  if probe_data:
+    out += ['## Probe data (localization)', '', '```json',
+            json.dumps(_as_dict(probe_data), indent=2, sort_keys=True,
+                       default=str), '```', '']
+  if finetune_data:
+    out += ['## Fine-tune data', '', '```json',
+            json.dumps(_as_dict(finetune_data), indent=2, sort_keys=True,
+                       default=str), '```', '']
+  if train_cfg is not None:
+    out += ['## Fine-tune hyperparameters', '', '| field | value |',
+            '|---|---|']
+    out += [f'| {k} | {v} |' for k, v in sorted(_as_dict(train_cfg).items())]
+    out += ['']
+  if results:
+    out += ['## Evaluation (before / after)', '',
+            format_table(results), '']
+  if notes:
+    out += ['## Notes', '', notes, '']
+  out += ['Load with `transformers.AutoModelForCausalLM.from_pretrained`.', '']
+  return '\n'.join(out)
+
+
+def export_hf(params, cfg: ModelConfig, out_dir: str, *, card: str,
+              tokenizer_dir: str | None = None,
+              hf_config: dict[str, Any] | None = None,
+              dtype: str | None = None, overwrite: bool = False) -> str:
+  """Writes the params as an HF checkpoint with `card` as README.md.
+
+  `dtype` (e.g. the source's 'bfloat16') casts every leaf first; the fp32
+  master weights are written as they are otherwise. Returns `out_dir`.
+  """
+  if dtype is not None:
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype),
+                          jax.device_get(params))
+  hf.save_hf(params, cfg, out_dir, hf_config=hf_config,
+             tokenizer_dir=tokenizer_dir, model_card=card,
+             overwrite=overwrite)
+  return out_dir
+
+
+def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 digits: int = 3) -> str:
+  """Markdown: one row per model, one column per (ability, metric)."""
+  cols = []
+  for per_model in results.values():
+    for ability, metrics in per_model.items():
+      for m in metrics:
+        if (ability, m) not in cols:
+          cols.append((ability, m))
+  lines = ['| model | ' + ' | '.join(f'{a} {m}' for a, m in cols) + ' |',
+           '|---|' + '---|' * len(cols)]
+  for name, per_model in results.items():
+    vals = []
+    for a, m in cols:
+      v = per_model.get(a, {}).get(m)
+      vals.append('-' if v is None else f'{v:.{digits}f}')
+    lines.append(f'| {name} | ' + ' | '.join(vals) + ' |')
+  return '\n'.join(lines)

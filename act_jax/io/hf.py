@@ -1,0 +1,422 @@
+"""HF checkpoint directories <-> act-jax params, both directions.
+
+Reading (`load_hf_params`) is strict and streaming:
+  1. Validate before reading any tensor data: config.json, the shard index
+     (every file it names must exist inside the checkpoint dir), every
+     safetensors header (corrupt/truncated files are named), and the full
+     key set and every shape against `hf_names` (missing, unexpected and
+     mis-shaped tensors are named with their file).
+  2. Fill one stacked leaf at a time on the host from the memory-mapped
+     shards (no torch: safetensors' numpy API; bf16 arrives as
+     `ml_dtypes.bfloat16`), cast it, place it straight onto its
+     NamedSharding and drop the host copy. Peak host memory is about one
+     model copy (the placed params) plus one leaf.
+Writing (`save_hf`) streams too: sharded safetensors
+(`model-00001-of-0000N.safetensors` + index, or one `model.safetensors`), a
+`config.json` from `config.to_hf_config` on top of the source config.json
+when one is given (token ids, chat settings etc. survive; code references
+such as `auto_map` do not), tokenizer files and a README.md model card, all
+into a temporary sibling renamed into place at the end; one leaf and one
+shard on the host at a time. The key table between HF tensor names and our
+leaves is `hf_names`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from safetensors.numpy import save_file
+
+from act_jax.io import atomic
+from act_jax.io import hf_names
+from act_jax.io import params as params_io
+from act_jax.model import config as config_lib
+from act_jax.model import forward
+from act_jax.model import sharding
+from act_jax.model.config import ModelConfig, from_hf_config
+
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+# safetensors header dtype -> numpy dtype we accept for weights.
+_DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+           'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64)}
+_PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message names file and key."""
+
+
+def read_hf_config_dict(hf_dir: str) -> dict[str, Any]:
+  """The parsed `hf_dir/config.json`.
+
+  Raises:
+    ConversionError naming the file when it is missing or not JSON.
+  """
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConversionError(f'{path}: missing config.json (is {hf_dir} an HF '
+                          'checkpoint directory?)')
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f'{path}: invalid JSON ({e})') from None
+  if not isinstance(d, dict):
+    raise ConversionError(f'{path}: expected a JSON object')
+  return d
+
+
+def checkpoint_dtype(hf_config: dict[str, Any]) -> str:
+  """The dtype config.json records (`dtype`/`torch_dtype`), else float32."""
+  name = str(hf_config.get('dtype') or hf_config.get('torch_dtype') or '')
+  return name if name in _PARAM_DTYPES else 'float32'
+
+
+def load_hf_config(hf_dir: str, dtype: str = 'float32',
+                   param_dtype: str = 'float32') -> ModelConfig:
+  """ModelConfig from `hf_dir/config.json`.
+
+  Raises:
+    ConversionError when config.json is missing or not JSON; ConfigError
+    naming the file and the field it cannot honour.
+  """
+  hf = read_hf_config_dict(hf_dir)
+  return from_hf_config(hf, source=os.path.join(hf_dir, 'config.json'),
+                        dtype=dtype, param_dtype=param_dtype)
+
+
+def _inside(hf_dir: str, name: str, index: str) -> str:
+  """Path of `name` from the index, which must stay inside `hf_dir`.
+
+  The check is lexical (no `..` escape, no absolute path): files that are
+  symlinks, as in the HF hub cache's snapshot dirs, are still accepted.
+  """
+  if not isinstance(name, str) or not name or os.path.isabs(name):
+    raise ConversionError(f'{index}: file {name!r} must be a relative path '
+                          'inside the checkpoint directory')
+  root = os.path.abspath(hf_dir)
+  path = os.path.normpath(os.path.join(root, name))
+  if os.path.commonpath([root, path]) != root:
+    raise ConversionError(f'{index}: file {name!r} resolves outside the '
+                          f'checkpoint directory {hf_dir}')
+  return path
+
+
+def checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of `hf_dir` and the index's `{key: file}` if any.
+
+  Raises:
+    ConversionError naming the index entry or the missing file.
+  """
+  index = os.path.join(hf_dir, INDEX_FILE)
+  if not os.path.isfile(index):
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if not os.path.isfile(single):
+      raise ConversionError(f'{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} '
+                            '(only safetensors checkpoints are read)')
+    return [single], None
+  try:
+    with open(index) as f:
+      weight_map = json.load(f).get('weight_map')
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise ConversionError(f'{index}: invalid index JSON ({e})') from None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ConversionError(f'{index}: missing or empty "weight_map"')
+  key_file, files = {}, []
+  for key, name in weight_map.items():
+    path = _inside(hf_dir, name, index)
+    if path not in files:
+      if not os.path.isfile(path):
+        raise ConversionError(f'{index}: shard {name!r} (holding {key!r}) '
+                              f'does not exist: {path}')
+      files.append(path)
+    key_file[key] = path
+  return files, key_file
+
+
+def read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
+  """`{key: (file, shape, dtype)}` from the safetensors headers only.
+
+  Raises:
+    ConversionError naming a corrupt/truncated file or a duplicated key.
+  """
+  out = {}
+  for path in files:
+    try:
+      with safe_open(path, framework='numpy') as f:
+        for key in f.keys():
+          s = f.get_slice(key)
+          if key in out:
+            raise ConversionError(f'{path}: tensor {key!r} also in '
+                                  f'{out[key][0]}')
+          out[key] = (path, tuple(s.get_shape()), s.get_dtype())
+    except ConversionError:
+      raise
+    except Exception as e:  # safetensors raises its own Rust error types
+      raise ConversionError(f'{path}: corrupt or truncated safetensors file '
+                            f'({e})') from None
+  return out
+
+
+def validate_checkpoint(cfg: ModelConfig, headers: dict[str, tuple],
+                        key_file: dict[str, str] | None,
+                        where: str) -> None:
+  """Checks keys, shapes and dtypes of all tensors against `cfg`.
+
+  Raises:
+    ConversionError listing every missing, unexpected or mis-shaped tensor
+    with its file, expected and found shape.
+  """
+  problems = []
+  if key_file is not None:
+    for key, path in key_file.items():
+      if key not in headers:
+        problems.append(f'index names tensor {key!r} but {path} lacks it')
+      elif headers[key][0] != path:
+        problems.append(f'index puts {key!r} in {path}, found in '
+                        f'{headers[key][0]}')
+    for key, (path, _, _) in headers.items():
+      if key not in key_file:
+        problems.append(f'tensor {key!r} in {path} is not in the index')
+  abstract = forward.abstract_params(cfg)
+  table = hf_names.hf_key_table(cfg)
+  for key, e in table.items():
+    if key not in headers:
+      problems.append(f'missing tensor {key!r} (expected in {where})')
+      continue
+    path, shape, dtype = headers[key]
+    want = hf_names.hf_shape(e, _leaf(abstract, e.path).shape)
+    if shape != want:
+      problems.append(f'tensor {key!r} in {path}: expected shape {want}, '
+                      f'found {shape}')
+    if dtype not in _DTYPES:
+      problems.append(f'tensor {key!r} in {path}: unsupported dtype {dtype} '
+                      f'(supported: {", ".join(_DTYPES)})')
+  optional = hf_names.optional_hf_keys(cfg)
+  for key, (path, _, _) in headers.items():
+    if key not in table and key not in optional:
+      problems.append(f'unexpected tensor {key!r} in {path} (no place for it'
+                      f' in a {cfg.model_type} model of this config)')
+  if problems:
+    more = f' (+{len(problems) - 10} more)' if len(problems) > 10 else ''
+    raise ConversionError(f'{where}: ' + '; '.join(problems[:10]) + more)
+
+
+def _leaf(tree: dict, path: tuple[str, ...]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _place(host: np.ndarray, target: jax.sharding.Sharding | None):
+  """Puts a host array onto `target` (or the default device)."""
+  if target is None:
+    return jax.device_put(host)
+  # Works when the mesh spans processes too: each process fills its shards.
+  return jax.make_array_from_callback(host.shape, target,
+                                      lambda idx: host[idx])
+
+
+def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
+                   mesh: jax.sharding.Mesh | None = None,
+                   rules=sharding.DEFAULT_RULES,
+                   param_dtype: str | None = None
+                   ) -> tuple[ModelConfig, dict[str, Any]]:
+  """Reads an HF checkpoint dir into `(cfg, params)`, strictly, streaming.
+
+  Args:
+    hf_dir: holds config.json and model.safetensors, or an index + shards.
+    cfg: use this config instead of reading config.json.
+    mesh: place every leaf on its NamedSharding (`forward.logical_axes` +
+      `rules`); default: the default device.
+    rules: logical axis rules for `mesh`.
+    param_dtype: dtype to store params in; default `cfg.param_dtype` when
+      `cfg` is given, else the dtype config.json records (float32 if none).
+
+  Raises:
+    ConversionError naming the file (and key) at fault, before any tensor
+    data is read.
+  """
+  if param_dtype is not None and param_dtype not in _PARAM_DTYPES:
+    raise ConversionError(f'param_dtype {param_dtype!r} is not one of '
+                          f'{", ".join(_PARAM_DTYPES)}')
+  if cfg is None:
+    dt = param_dtype or checkpoint_dtype(read_hf_config_dict(hf_dir))
+    cfg = load_hf_config(hf_dir, param_dtype=dt)
+  elif param_dtype is not None:
+    cfg = cfg.replace(param_dtype=param_dtype)
+  files, key_file = checkpoint_files(hf_dir)
+  headers = read_headers(files)
+  where = os.path.join(hf_dir, INDEX_FILE if key_file else SINGLE_FILE)
+  validate_checkpoint(cfg, headers, key_file, where)
+
+  abstract = forward.abstract_params(cfg)
+  targets = None
+  if mesh is not None:
+    targets = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
+                                      abstract, rules)
+  by_path = collections.defaultdict(list)
+  for e in hf_names.hf_entries(cfg):
+    by_path[e.path].append(e)
+  params: dict[str, Any] = {}
+  start, done_bytes = time.time(), 0
+  total_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(abstract))
+  for n, (path, entries) in enumerate(by_path.items(), start=1):
+    leaf = _leaf(abstract, path)
+    host = np.empty(leaf.shape, leaf.dtype)
+    # Files are opened (memory-mapped) per leaf and closed right after, so
+    # the mapped pages of already-placed leaves leave our resident set.
+    with contextlib.ExitStack() as stack:
+      handles = {}
+      for e in entries:
+        file = headers[e.hf_key][0]
+        if file not in handles:
+          handles[file] = stack.enter_context(safe_open(file, 'numpy'))
+        t = handles[file].get_tensor(e.hf_key)
+        t = t.T if e.transpose else t
+        if e.layer is None:
+          host[...] = t
+        else:
+          host[e.layer] = t
+        del t
+    target = _leaf(targets, path) if targets is not None else None
+    _set_leaf(params, path, _place(host, target))
+    done_bytes += host.nbytes
+    del host
+    elapsed = max(time.time() - start, 1e-6)
+    logging.log_every_n_seconds(
+        logging.INFO, 'converted %d/%d leaves, %.0f/%.0f MB, %.1f MB/s, '
+        'ETA %.0f s', 5, n, len(by_path), done_bytes / 2**20,
+        total_bytes / 2**20, done_bytes / 2**20 / elapsed,
+        (total_bytes - done_bytes) * elapsed / max(done_bytes, 1))
+  logging.info('loaded %s from %s: %d params (%s) in %.1f s', cfg.model_type,
+               hf_dir, total_bytes // np.dtype(cfg.param_dtype).itemsize,
+               cfg.param_dtype, time.time() - start)
+  return cfg, params
+
+
+# ------------------------------------------------------------------ export
+
+
+def _host(x: Any) -> np.ndarray:
+  if hasattr(x, 'is_fully_addressable') and not x.is_fully_addressable:
+    raise ConversionError('save_hf needs fully addressable params (gather '
+                          'them to one process first)')
+  return np.asarray(jax.device_get(x))
+
+
+def _write_shards(params: dict[str, Any], cfg: ModelConfig, out_dir: str,
+                  max_shard_bytes: int
+                  ) -> tuple[list[str], dict[str, str], int]:
+  """Writes tensors shard by shard; returns names, `{key: file}`, bytes."""
+  by_path = collections.OrderedDict()
+  for e in hf_names.hf_entries(cfg):
+    by_path.setdefault(e.path, []).append(e)
+  shards, current, size, total = [], {}, 0, 0
+
+  def flush():
+    nonlocal current, size
+    if current:
+      name = f'.shard-{len(shards):05d}.safetensors'
+      save_file(current, os.path.join(out_dir, name),
+                metadata={'format': 'pt'})
+      shards.append((name, list(current)))
+      current, size = {}, 0
+
+  for path, entries in by_path.items():
+    leaf = params
+    for p in path:
+      leaf = leaf[p]
+    host = _host(leaf)
+    for e in entries:
+      t = host[e.layer] if e.layer is not None else host
+      t = np.ascontiguousarray(t.T if e.transpose else t)
+      if current and size + t.nbytes > max_shard_bytes:
+        flush()
+      current[e.hf_key] = t
+      size += t.nbytes
+      total += t.nbytes
+    del host
+  flush()
+  n = len(shards)
+  names, key_file = [], {}
+  for i, (tmp_name, keys) in enumerate(shards, start=1):
+    name = SINGLE_FILE if n == 1 else f'model-{i:05d}-of-{n:05d}.safetensors'
+    os.rename(os.path.join(out_dir, tmp_name), os.path.join(out_dir, name))
+    names.append(name)
+    key_file.update({k: name for k in keys})
+  return names, key_file, total
+
+
+def _model_card(cfg: ModelConfig, n_params: int, dtype: str) -> str:
+  return (f'# {cfg.model_type} model exported by act-jax\n\n'
+          f'- architecture: {config_lib.ARCHITECTURES[cfg.model_type]}\n'
+          f'- parameters: {n_params:,} ({dtype})\n'
+          f'- layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads '
+          f'{cfg.num_heads} (kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}\n'
+          '\nLoad with `transformers.AutoModelForCausalLM.from_pretrained`.\n')
+
+
+def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
+            hf_config: dict[str, Any] | None = None,
+            tokenizer_dir: str | None = None, model_card: str | None = None,
+            max_shard_bytes: int = 2**30, overwrite: bool = False) -> None:
+  """Writes `params` as an HF checkpoint directory, atomically.
+
+  Args:
+    params: the param tree of `cfg` (all leaves one dtype, written as is).
+    cfg: its ModelConfig.
+    out_dir: output directory; must not exist unless `overwrite`.
+    hf_config: the source config.json dict, whose other fields are kept.
+    tokenizer_dir: copy tokenizer / generation config files from here.
+    model_card: README.md text; default a short generated card.
+    max_shard_bytes: start a new shard before exceeding this size.
+    overwrite: replace an existing `out_dir`.
+
+  Raises:
+    ConversionError / CheckpointError naming what does not match, before
+    anything is written.
+  """
+  dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+  if len(dtypes) != 1:
+    raise ConversionError(f'params mix dtypes {sorted(dtypes)}; cast first')
+  dtype = dtypes.pop()
+  cfg = cfg.replace(param_dtype=dtype)
+  params_io.check_tree(params, forward.abstract_params(cfg), 'save_hf params')
+  try:
+    config = config_lib.to_hf_config(cfg, hf_config, dtype)
+  except config_lib.ConfigError as e:
+    raise ConversionError(str(e)) from None
+  with atomic.atomic_dir(out_dir, overwrite) as tmp:
+    names, key_file, total = _write_shards(params, cfg, tmp, max_shard_bytes)
+    if len(names) > 1:
+      with open(os.path.join(tmp, INDEX_FILE), 'w') as f:
+        json.dump({'metadata': {'total_size': total},
+                   'weight_map': dict(sorted(key_file.items()))}, f, indent=2)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    params_io.copy_aux_files(tokenizer_dir, tmp)
+    with open(os.path.join(tmp, 'README.md'), 'w') as f:
+      f.write(model_card if model_card is not None else _model_card(
+          cfg, forward.count_params(params), dtype))
+  logging.info('saved HF checkpoint (%d files, %s) to %s', len(names), dtype,
+               out_dir)

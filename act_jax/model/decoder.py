@@ -1,0 +1,320 @@
+"""The Llama-family decoder in Flax linen: Llama 2/3, Mistral, Qwen2/2.5, Qwen3.
+
+Shape letters used across act-jax (in names such as `x_btd`, `stats_mlc`):
+  B batch, T tokens (queries), S key positions, D embed, F mlp, H heads,
+  K kv heads, G query heads per kv head (H / K), E head dim, V vocab,
+  L layers, M models, C channels.
+
+Design (see BUILD.md): linen because `Decoder.apply({'params': p}, ...)` is
+already a pure function of a plain nested-dict pytree, which is what
+localization, masks, transfer, optimizers and orbax all consume; stacking K
+models and `jax.vmap` over them needs nothing more. Layers are `nn.scan`ned,
+so every layer param carries a leading `[L]` axis and kernels stay 2-D and
+HF-shaped transposed (`[d_in, d_out]`): output channel `c` of an HF weight
+`W[c, :]` is exactly `kernel[..., c]`. Param names follow HF.
+
+Captured statistics (see capture.py) are scan outputs of each layer, reduced
+in-graph to float32 `[L, C]` arrays. With capture off the forward is the
+plain forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from act_jax.model import capture as capture_lib
+from act_jax.model import sharding
+from act_jax.model.config import ModelConfig
+
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query stays NaN-free
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies `[E/2]`, with linear or llama3 scaling."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta**(jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  if cfg.rope_type == 'linear':
+    return inv / cfg.rope_factor
+  if cfg.rope_type == 'llama3':
+    factor = cfg.rope_factor
+    old = cfg.rope_original_max_positions
+    low_wavelen = old / cfg.rope_low_freq_factor
+    high_wavelen = old / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF `rotate_half` (non-interleaved) convention."""
+  freqs_bte = positions_bt[..., None].astype(jnp.float32) * inv_freq
+  emb = jnp.concatenate([freqs_bte, freqs_bte], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x = x_bthe.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_bthe.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, statistics in float32 (as HF)."""
+
+  eps: float
+  dtype: Any
+  param_dtype: Any
+  axis_name: str = 'norm'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones,
+                                              (self.axis_name,)),
+        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """`y = x @ kernel (+ bias)`, kernel `[d_in, d_out]`, float32 accumulation."""
+
+  features: int
+  use_bias: bool
+  axes: tuple[str, str]  # logical names of (d_in, d_out)
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        (x.shape[-1], self.features), self.param_dtype)
+    # A 2-D dot: XLA's CPU backward of a dot contracting over two flattened
+    # batch axes was ~1.7x slower than over one (benchmarks/README).
+    x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    y = jnp.dot(x_nd, kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    y = y.reshape(x.shape[:-1] + (self.features,))
+    if self.use_bias:
+      bias = self.param(
+          'bias',
+          nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+          (self.features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding `[V, D]`; `attend` gives tied-embedding logits."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                     ('vocab', 'embed')),
+        (self.cfg.vocab_size, self.cfg.hidden_size),
+        _dtype(self.cfg.param_dtype))
+
+  def __call__(self, tokens_bt):
+    return jnp.take(self.embedding, tokens_bt, axis=0).astype(
+        _dtype(self.cfg.dtype))
+
+  def attend(self, x_btd):
+    dt = _dtype(self.cfg.dtype)
+    return jnp.einsum('btd,vd->btv', x_btd, self.embedding.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE, optional q/k norm, window and KV cache.
+
+  Returns `(o_btd, new_cache)`; `record(site, h)` receives captured sites.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_btd, ctx, per_layer, record):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    batch, tokens = h_btd.shape[:2]
+
+    def linear(name, feats, use_bias, axes, x):
+      return Linear(feats, use_bias, axes, dt, pdt, name=name)(x)
+
+    q = linear('q_proj', cfg.q_dim, cfg.qkv_bias, ('embed', 'heads'), h_btd)
+    k = linear('k_proj', cfg.kv_dim, cfg.qkv_bias, ('embed', 'kv_heads'), h_btd)
+    v = linear('v_proj', cfg.kv_dim, cfg.qkv_bias, ('embed', 'kv_heads'), h_btd)
+    record('self_attn.q_proj', q)
+    record('self_attn.k_proj', k)
+    record('self_attn.v_proj', v)
+    q_bthe = q.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
+    k_bske = k.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
+    v_bske = v.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q_bthe = RMSNorm(cfg.rms_norm_eps, dt, pdt, 'head_dim',
+                       name='q_norm')(q_bthe)
+      k_bske = RMSNorm(cfg.rms_norm_eps, dt, pdt, 'head_dim',
+                       name='k_norm')(k_bske)
+    inv_freq = rope_inv_freq(cfg)
+    q_bthe = apply_rope(q_bthe, ctx['positions_bt'], inv_freq)
+    k_bske = apply_rope(k_bske, ctx['positions_bt'], inv_freq)
+
+    new_cache = {}
+    if 'cache_k' in per_layer:  # decode: write this step's keys into the cache
+      start = (0, ctx['cache_index'], 0, 0)
+      k_bske = jax.lax.dynamic_update_slice(per_layer['cache_k'],
+                                            k_bske.astype(dt), start)
+      v_bske = jax.lax.dynamic_update_slice(per_layer['cache_v'],
+                                            v_bske.astype(dt), start)
+      new_cache = {'cache_k': k_bske, 'cache_v': v_bske}
+
+    # Causal, sliding-window and padding masks on raw (cache) indices, as HF.
+    q_idx_t = ctx['q_index_t']
+    k_idx_s = jnp.arange(k_bske.shape[1])
+    allowed_ts = k_idx_s[None, :] <= q_idx_t[:, None]
+    window = per_layer['window']
+    allowed_ts &= (window <= 0) | (k_idx_s[None, :] > q_idx_t[:, None] - window)
+    allowed_bts = allowed_ts[None] & ctx['kv_valid_bs'][:, None, :]
+    if 'segment_ids_bt' in ctx:  # packed rows: no attention across documents
+      seg_bt = ctx['segment_ids_bt']
+      allowed_bts &= seg_bt[:, :, None] == seg_bt[:, None, :]
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q_btkge = q_bthe.reshape(batch, tokens, cfg.num_kv_heads, groups,
+                             cfg.head_dim)
+    scores = jnp.einsum('btkge,bske->bkgts', q_btkge, k_bske,
+                        preferred_element_type=jnp.float32)
+    scores = scores * cfg.head_dim**-0.5
+    scores = jnp.where(allowed_bts[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    o = jnp.einsum('bkgts,bske->btkge', probs, v_bske,
+                   preferred_element_type=jnp.float32).astype(dt)
+    o = o.reshape(batch, tokens, cfg.q_dim)
+    record('self_attn.o_proj.in', o)
+    o = linear('o_proj', cfg.hidden_size, cfg.o_bias, ('heads', 'embed'), o)
+    record('self_attn.o_proj', o)
+    return o, new_cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU MLP: `down(silu(gate(h)) * up(h))`."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_btd, record):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    feats = cfg.intermediate_size
+    gate = Linear(feats, cfg.mlp_bias, ('embed', 'mlp'), dt, pdt,
+                  name='gate_proj')(h_btd)
+    up = Linear(feats, cfg.mlp_bias, ('embed', 'mlp'), dt, pdt,
+                name='up_proj')(h_btd)
+    record('mlp.gate_proj', gate)
+    record('mlp.up_proj', up)
+    hidden_btf = (jax.nn.silu(gate.astype(jnp.float32)) *
+                  up.astype(jnp.float32)).astype(dt)
+    record('mlp.down_proj.in', hidden_btf)
+    down = Linear(cfg.hidden_size, cfg.mlp_bias, ('mlp', 'embed'), dt, pdt,
+                  name='down_proj')(hidden_btf)
+    record('mlp.down_proj', down)
+    return down
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block: attention + SwiGLU MLP, each with a residual.
+
+  Called under `nn.scan` as `(x_btd, ctx, per_layer) -> (x_btd, ys)`: `ctx`
+  is broadcast to every layer (positions, masks), `per_layer` holds this
+  layer's window size and KV-cache slice, `ys` its statistics and new cache.
+  """
+
+  cfg: ModelConfig
+  capture: capture_lib.CaptureSpec | None = None
+
+  @nn.compact
+  def __call__(self, x_btd, ctx, per_layer):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    stats = {}
+
+    def record(site, h):
+      if self.capture is not None and site in self.capture.sites:
+        stats[site] = capture_lib.reduce_site(h, ctx['token_mask_bt'],
+                                              self.capture.pairwise)
+
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='input_layernorm')(x_btd)
+    record('input_layernorm', h)
+    o, new_cache = Attention(cfg, name='self_attn')(h, ctx, per_layer, record)
+    x_btd = x_btd + o
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt,
+                name='post_attention_layernorm')(x_btd)
+    record('post_attention_layernorm', h)
+    x_btd = x_btd + Mlp(cfg, name='mlp')(h, record)
+    x_btd = sharding.constrain_activation(x_btd, ('batch', 'length', 'embed'))
+    return x_btd, {'stats': stats, **new_cache}
+
+
+class Decoder(nn.Module):
+  """Embedding, scanned decoder layers, final norm and (optional) lm_head.
+
+  `__call__` returns `(logits_btv or hidden_btd, stats, cache)`; see
+  forward.apply for the public, pure entry point.
+  """
+
+  cfg: ModelConfig
+  capture: capture_lib.CaptureSpec | None = None
+  compute_logits: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_bt, ctx, cache=None):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    embed = Embed(cfg, name='embed_tokens')
+    x_btd = embed(tokens_bt)
+    x_btd = sharding.constrain_activation(x_btd, ('batch', 'length', 'embed'))
+
+    per_layer = {'window': jnp.asarray(cfg.sliding_windows, jnp.int32)}
+    if cache is not None:
+      per_layer['cache_k'], per_layer['cache_v'] = cache['k'], cache['v']
+    layers = nn.scan(
+        DecoderLayer,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )(cfg, self.capture, name='layers')
+    x_btd, ys = layers(x_btd, ctx, per_layer)
+    new_cache = None
+    if cache is not None:
+      new_cache = {'k': ys['cache_k'], 'v': ys['cache_v']}
+
+    x_btd = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='norm')(x_btd)
+    if not self.compute_logits:
+      return x_btd, ys['stats'], new_cache
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x_btd)
+    else:
+      logits = Linear(cfg.vocab_size, False, ('embed', 'vocab'), dt, pdt,
+                      name='lm_head')(x_btd).astype(jnp.float32)
+    return logits, ys['stats'], new_cache

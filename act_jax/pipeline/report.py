@@ -1,0 +1,527 @@
+"""The report of every study, generated from the run's artifacts alone.
+
+`build_report(workdir, out_dir, plan)` reads `evaluate/<job>.json` and the
+per-candidate `evaluate/<job>/<candidate>.json` (with per-item outcomes),
+`localize/analysis.json`, the case build's summary and every stage's
+COMPLETE.json, and writes `report.md`, `results.json` and PNG plots into
+`out_dir`. Nothing is re-measured.
+
+Every compared number carries a 95% interval from a paired bootstrap over
+the same eval items: each ability's items are resampled once (`B` index
+sets, seeded by the ability's name), and every candidate's metric and every
+difference between two candidates is computed on those same resamples. A
+verdict (`better`, `worse`, `within noise`) comes from the interval of the
+difference, never from the bare difference. Perplexity resamples items
+(rows) and recomputes exp(sum nll / sum tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from act_jax.io import atomic
+from act_jax.pipeline import jobs as jobs_lib
+from act_jax.pipeline import plots
+from act_jax.pipeline import runner
+
+STAGE_ORDER = ('build_models', 'convert', 'collect', 'localize', 'transfer',
+               'finetune', 'evaluate', 'report')
+HIGHER_IS_BETTER = {'exact_match': True, 'perplexity': False}
+SHORT = {'exact_match': 'acc', 'perplexity': 'ppl'}
+
+
+# -------------------------------------------------------------- bootstrap
+
+
+class Resampler:
+  """The paired bootstrap: one fixed set of resamples per ability."""
+
+  def __init__(self, num: int, confidence: float):
+    self.num, self.confidence = num, confidence
+    self._idx: dict[tuple[str, int], np.ndarray] = {}
+
+  def indices(self, ability: str, n: int) -> np.ndarray:
+    """`[B, n]` item indices of `ability` (the same for every candidate)."""
+    key = (ability, n)
+    if key not in self._idx:
+      seed = int.from_bytes(hashlib.sha256(ability.encode()).digest()[:8],
+                            'little')
+      self._idx[key] = np.random.default_rng(seed).integers(
+          0, n, (self.num, n))
+    return self._idx[key]
+
+  def replicates(self, ability: str, metric: str, rec: dict) -> np.ndarray:
+    """`[B]` bootstrap values of one candidate's metric on one ability."""
+    items = rec['items']
+    if metric == 'perplexity':
+      nll, tok = np.asarray(items['nll']), np.asarray(items['tokens'])
+      idx = self.indices(ability, len(nll))
+      return np.exp(nll[idx].sum(1) / np.maximum(tok[idx].sum(1), 1.0))
+    ok = np.asarray([float(i['correct']) for i in items])
+    return ok[self.indices(ability, len(ok))].mean(1)
+
+  def interval(self, reps: np.ndarray) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap values."""
+    a = (1 - self.confidence) / 2
+    lo, hi = np.quantile(reps, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float, higher_is_better: bool) -> str:
+  """'better' / 'worse' / 'within noise' from the interval of a difference
+  (candidate minus reference)."""
+  if lo > 0:
+    return 'better' if higher_is_better else 'worse'
+  if hi < 0:
+    return 'worse' if higher_is_better else 'better'
+  return 'within noise'
+
+
+# ------------------------------------------------------------------ data
+
+
+def _metric(rec_metrics: dict) -> str:
+  return next(k for k in rec_metrics if k in HIGHER_IS_BETTER)
+
+
+def load_job(workdir: str, name: str) -> dict[str, Any]:
+  """A job's table and its candidates' per-item records."""
+  table = atomic.read_json(os.path.join(workdir, 'evaluate', name + '.json'))
+  recs = {}
+  for cand in table['order']:
+    recs[cand] = atomic.read_json(os.path.join(workdir, 'evaluate', name,
+                                               cand + '.json'))
+  return {'order': table['order'], 'records': recs}
+
+
+class JobView:
+  """One job's numbers: values, intervals, paired differences."""
+
+  def __init__(self, job: jobs_lib.Job, data: dict, rs: Resampler):
+    self.job, self.rs = job, rs
+    self.order = data['order']
+    self.recs = data['records']
+    self.abilities = list(job.abilities)
+    self.metric = {a: _metric(self.recs[self.order[0]]['metrics'][a])
+                   for a in self.abilities}
+    self._reps: dict[tuple[str, str], np.ndarray] = {}
+
+  def has(self, cand: str) -> bool:
+    return cand in self.recs
+
+  def value(self, cand: str, ability: str) -> float:
+    return float(self.recs[cand]['metrics'][ability][self.metric[ability]])
+
+  def reps(self, cand: str, ability: str) -> np.ndarray:
+    key = (cand, ability)
+    if key not in self._reps:
+      self._reps[key] = self.rs.replicates(
+          ability, self.metric[ability], self.recs[cand]['metrics'][ability])
+    return self._reps[key]
+
+  def cell(self, cand: str, ability: str) -> str:
+    lo, hi = self.rs.interval(self.reps(cand, ability))
+    return _fmt_ci(self.value(cand, ability), lo, hi, self.metric[ability])
+
+  def compare(self, cand: str, ref: str, ability: str) -> dict[str, Any]:
+    """The paired difference cand - ref on `ability`, with its verdict."""
+    d = self.reps(cand, ability) - self.reps(ref, ability)
+    lo, hi = self.rs.interval(d)
+    m = self.metric[ability]
+    return {'candidate': cand, 'reference': ref, 'ability': ability,
+            'metric': m, 'difference': self.value(cand, ability) -
+            self.value(ref, ability), 'lo': lo, 'hi': hi,
+            'verdict': verdict(lo, hi, HIGHER_IS_BETTER[m])}
+
+
+def _fmt(v: float, metric: str) -> str:
+  return f'{v:.3f}' if metric == 'exact_match' else f'{v:.2f}'
+
+
+def _fmt_ci(v: float, lo: float, hi: float, metric: str) -> str:
+  return f'{_fmt(v, metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]'
+
+
+def _fmt_diff(c: dict[str, Any]) -> str:
+  m = c['metric']
+  f = (lambda x: f'{x:+.3f}') if m == 'exact_match' else (
+      lambda x: f'{x:+.2f}')
+  return f'{f(c["difference"])} [{f(c["lo"])}, {f(c["hi"])}]'
+
+
+# ------------------------------------------------------------- sections
+
+
+def main_table(view: JobView) -> str:
+  """Every candidate on every ability, value [95% interval]; recover jobs
+  also show how much of the source-target gap of the ability came back."""
+  cols = [f'{a} {SHORT[view.metric[a]]}' for a in view.abilities]
+  rec_ability = view.job.pairs[0].ability if view.job.kind == 'recover' \
+      else None
+  extra = ['recovered'] if rec_ability and view.has('source') and \
+      view.has('target') else []
+  head = ['| candidate | ' + ' | '.join(cols + extra +
+                                        ['params moved']) + ' |',
+          '|---' * (len(cols) + len(extra) + 2) + '|']
+  base = view.recs[view.order[0]]
+  total = base.get('num_params')
+  lines = []
+  for cand in view.order:
+    cells = [view.cell(cand, a) for a in view.abilities]
+    if extra:
+      gap = view.value('source', rec_ability) - view.value('target',
+                                                           rec_ability)
+      got = view.value(cand, rec_ability) - view.value('target', rec_ability)
+      cells.append(f'{got / gap:+.2f}' if abs(gap) > 1e-12 else '-')
+    moved = view.recs[cand].get('params_moved')
+    cells.append('-' if moved is None else
+                 f'{moved:,}' if not total else f'{100 * moved / total:.2f}%')
+    lines.append(f'| {cand} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(head + lines) + '\n'
+
+
+def comparisons(view: JobView) -> list[dict[str, Any]]:
+  """The paired comparisons a study of this job should state."""
+  out = []
+  names = set(view.order)
+  job = view.job
+  ref = 'target' if job.kind == 'recover' else job.base
+  channel = [c for c in view.order if '@' in c]
+  for cand in view.order:
+    if cand == ref or not view.has(ref):
+      continue
+    if cand in channel and cand.startswith(('random', 'weight_diff')):
+      continue  # shown against ACT below
+    for a in view.abilities:
+      out.append(dict(view.compare(cand, ref, a), group=f'vs {ref}'))
+  for cand in channel:
+    if not cand.startswith('act['):
+      continue
+    rho_ft = cand.split('@', 1)[1]
+    for other in (f'random@{rho_ft}', f'weight_diff@{rho_ft}') + (
+        ('full_ft',) if rho_ft.endswith('+ft') else ()):
+      if other in names:
+        for a in view.abilities:
+          out.append(dict(view.compare(cand, other, a),
+                          group='ACT vs the alternatives'))
+  return out
+
+
+def comparison_table(rows: list[dict[str, Any]], abilities) -> str:
+  """Markdown of comparisons on the given abilities."""
+  lines = ['| candidate | reference | ability | difference [95% CI] | '
+           'verdict |', '|---|---|---|---|---|']
+  for r in rows:
+    if r['ability'] in abilities:
+      lines.append(f'| {r["candidate"]} | {r["reference"]} | {r["ability"]} '
+                   f'{SHORT[r["metric"]]} | {_fmt_diff(r)} | '
+                   f'{r["verdict"]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def merge_score(view: JobView) -> dict[str, Any] | None:
+  """Merge jobs: geometric mean over the merged (perplexity) abilities of
+  the candidate's perplexity over that ability's specialist's (1 = each
+  ability as good as its specialist; lower is better), with intervals."""
+  job = view.job
+  if job.kind != 'merge':
+    return None
+  pairs = [(p.ability, p.source) for p in job.pairs]
+  if any(view.metric[a] != 'perplexity' for a, _ in pairs):
+    return None
+
+  def reps(cand):
+    logs = [np.log(view.reps(cand, a) / view.reps(s, a)) for a, s in pairs]
+    return np.exp(np.mean(logs, 0))
+
+  def value(cand):
+    return float(np.exp(np.mean([np.log(view.value(cand, a) /
+                                        view.value(s, a))
+                                 for a, s in pairs])))
+
+  out = {}
+  for cand in view.order:
+    r = reps(cand)
+    lo, hi = view.rs.interval(r)
+    out[cand] = {'value': value(cand), 'lo': lo, 'hi': hi, 'reps': r}
+  return out
+
+
+def merge_table(view: JobView, score: dict[str, Any]) -> str:
+  """The merge score of each candidate and ACT vs the alternatives on it."""
+  lines = ['| candidate | merge score [95% CI] |', '|---|---|']
+  for cand, s in score.items():
+    lines.append(f'| {cand} | {s["value"]:.3f} [{s["lo"]:.3f}, '
+                 f'{s["hi"]:.3f}] |')
+  lines += ['', '| ACT | reference | difference [95% CI] | verdict |',
+            '|---|---|---|---|']
+  for cand in score:
+    if not cand.startswith('act['):
+      continue
+    rho = cand.split('@', 1)[1]
+    refs = [f'random@{rho}', f'weight_diff@{rho}'] + [
+        c for c in score if '@' not in c and c not in
+        (view.job.base,) + tuple(p.source for p in view.job.pairs)]
+    for ref in refs:
+      if ref not in score:
+        continue
+      d = score[cand]['reps'] - score[ref]['reps']
+      lo, hi = view.rs.interval(d)
+      diff = score[cand]['value'] - score[ref]['value']
+      lines.append(f'| {cand} | {ref} | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] '
+                   f'| {verdict(lo, hi, False)} |')
+  return '\n'.join(lines) + '\n'
+
+
+def sufficiency(view: JobView) -> tuple[str, dict[str, list]]:
+  """Transplant only (no fine-tune): the transferred ability per budget."""
+  ability = view.job.pairs[0].ability
+  series: dict[str, dict[float, str]] = {}
+  points: dict[str, list] = {}
+  for cand in view.order:
+    if '@' not in cand or cand.endswith('+ft'):
+      continue
+    label, rho = cand.rsplit('@', 1)
+    series.setdefault(label, {})[float(rho)] = view.cell(cand, ability)
+    lo, hi = view.rs.interval(view.reps(cand, ability))
+    points.setdefault(label, []).append(
+        (float(rho), view.value(cand, ability), lo, hi))
+  rhos = sorted({r for s in series.values() for r in s})
+  lines = [f'| selector | ' + ' | '.join(f'rho={r:g}' for r in rhos) + ' |',
+           '|---' * (len(rhos) + 1) + '|']
+  for label, s in series.items():
+    lines.append(f'| {label} | ' + ' | '.join(s.get(r, '-') for r in rhos) +
+                 ' |')
+  return '\n'.join(lines) + '\n', points
+
+
+def concentration_table(analysis: dict[str, Any]) -> str:
+  """Median (quartiles) fraction of a module's channels holding X% of the
+  score mass, and the share of modules under 5%, per (job/ability, score)."""
+  lines = ['| job/ability | score | 50% of mass | 80% of mass | 90% of mass '
+           '| modules with 80% in <= 5% |', '|---|---|---|---|---|---|']
+  for key, per in analysis.get('concentration', {}).items():
+    for score, c in per.items():
+      o = c['overall']
+      cells = [f'{o[l]["median"]:.3f} ({o[l]["q25"]:.3f}-{o[l]["q75"]:.3f})'
+               for l in ('0.5', '0.8', '0.9')]
+      lines.append(f'| {key} | {score} | ' + ' | '.join(cells) +
+                   f' | {o["0.8"]["share_le_5pct"]:.2f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def by_site_table(analysis: dict[str, Any]) -> str:
+  """Median fraction for 80% of the mass, by site."""
+  out = []
+  for key, per in analysis.get('concentration', {}).items():
+    sites = list(next(iter(per.values()))['sites'])
+    out += [f'| {key} | ' + ' | '.join(s.split('.')[-1] for s in sites) +
+            ' |', '|---' * (len(sites) + 1) + '|']
+    for score, c in per.items():
+      out.append(f'| {score} | ' + ' | '.join(
+          f'{c["sites"][s]["median"]["0.8"]:.3f}' for s in sites) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
+def overlap_table(block: dict[str, Any]) -> str:
+  """`{key: {rho: {score: {jaccard, random}}}}` as Markdown."""
+  lines = ['| job/ability | rho | sets | Jaccard | random sets |',
+           '|---|---|---|---|---|']
+  for key, per_rho in block.items():
+    for rho, v in per_rho.items():
+      items = v.items() if 'jaccard' not in v else [('', v)]
+      for name, o in items:
+        lines.append(f'| {key} | {rho} | {name} | {o["jaccard"]:.3f} | '
+                     f'{o["random"]:.3f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def stage_table(markers: dict[str, dict]) -> str:
+  """Wall time and peak resident memory of each stage."""
+  lines = ['| stage | wall s | peak RSS MiB |', '|---|---|---|']
+  for s, m in markers.items():
+    lines.append(f'| {s} | {m.get("wall_s", 0):.0f} | '
+                 f'{m.get("peak_rss_mb", 0):.0f} |')
+  total = sum(m.get('wall_s', 0) for m in markers.values())
+  peak = max([m.get('peak_rss_mb', 0) for m in markers.values()] or [0])
+  lines.append(f'| total | {total:.0f} | {peak:.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+  cols = []
+  for per in scores.values():
+    for a, ms in per.items():
+      cols += [(a, m) for m in ms if (a, m) not in cols]
+  lines = ['| model | ' + ' | '.join(f'{a} {SHORT.get(m, m)}'
+                                     for a, m in cols) + ' |',
+           '|---' * (len(cols) + 1) + '|']
+  for name, per in scores.items():
+    lines.append(f'| {name} | ' + ' | '.join(
+        _fmt(per[a][m], m) if m in per.get(a, {}) else '-' for a, m in cols)
+                 + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------- report
+
+
+def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
+  """Writes report.md, results.json and plots; returns a small summary."""
+  rc = plan.report
+  os.makedirs(out_dir, exist_ok=True)
+  markers = {s: runner.read_marker(workdir, s) for s in STAGE_ORDER
+             if runner.is_complete(workdir, s)}
+  apath = os.path.join(workdir, 'localize', 'analysis.json')
+  analysis = atomic.read_json(apath) if os.path.isfile(apath) else {}
+  rs = Resampler(rc.bootstrap, rc.confidence)
+  lines = [f'# {rc.title}', '']
+  if rc.command:
+    lines += [f'Regenerate: `{rc.command}`', '']
+  lines += ['Generated by `act_jax.main` (report stage) from the run\'s '
+            'artifacts; every number is what the run measured. Intervals: '
+            f'{rc.confidence:.0%} paired bootstrap over the same eval items '
+            f'({rc.bootstrap} resamples); a verdict is read from the '
+            'interval of the difference, never from the bare difference.',
+            '', '## Setup', '']
+  lines += _setup(plan)
+  build = markers.get('build_models', {}).get('summary', {})
+  if build.get('scores'):
+    lines += ['## Models after building (before ACT)', '',
+              _scores_table(build['scores'])]
+  results: dict[str, Any] = {'title': rc.title, 'jobs': {},
+                             'analysis': analysis,
+                             'build': build,
+                             'stages': {s: {k: m.get(k) for k in
+                                            ('wall_s', 'peak_rss_mb')}
+                                        for s, m in markers.items()}}
+  plot_files = []
+  for job in plan.jobs:
+    if job.analyze_only or not os.path.isfile(
+        os.path.join(workdir, 'evaluate', job.name + '.json')):
+      continue
+    view = JobView(job, load_job(workdir, job.name), rs)
+    comps = comparisons(view)
+    moved = [p.ability for p in job.pairs]
+    lines += [f'## {job.name}', '', _job_line(job), '',
+              '### Every candidate on every ability', '', main_table(view),
+              f'### Paired comparisons on the transferred '
+              f'abilit{"y" if len(moved) == 1 else "ies"} ({", ".join(moved)})',
+              '', comparison_table(comps, moved)]
+    kept = [a for a in view.abilities if a not in moved]
+    if kept:
+      lines += [f'### Paired comparisons on the other abilities '
+                f'({", ".join(kept)})', '', comparison_table(comps, kept)]
+    score = merge_score(view)
+    if score:
+      lines += ['### Merge score (geometric mean of perplexity / the '
+                'specialist\'s, over the merged abilities)', '',
+                merge_table(view, score)]
+    job_res = {'order': view.order, 'comparisons': comps,
+               'values': {c: {a: {'value': view.value(c, a),
+                                  'ci': view.rs.interval(view.reps(c, a))}
+                              for a in view.abilities} for c in view.order}}
+    if job.kind == 'recover':
+      table, points = sufficiency(view)
+      lines += [f'### Sufficiency: {moved[0]} after transplant only (no '
+                'fine-tune)', '', table]
+      if rc.plots and points:
+        plot_files.append(plots.sufficiency_curves(
+            points, f'{moved[0]} {SHORT[view.metric[moved[0]]]}',
+            os.path.join(out_dir, f'sufficiency_{job.name}.png')))
+      job_res['sufficiency'] = points
+    if score:
+      job_res['merge_score'] = {c: {k: v for k, v in s.items() if k != 'reps'}
+                                for c, s in score.items()}
+    results['jobs'][job.name] = job_res
+  if analysis:
+    lines += ['## Analyses', '', '### Concentration', '',
+              'Fraction of a module\'s channels that holds X% of its score '
+              'mass: median over the (site, layer) modules, quartiles in '
+              'brackets.', '', concentration_table(analysis),
+              'Median fraction for 80% of the mass, by site:', '',
+              by_site_table(analysis),
+              '### Activation- vs weight-based channel sets', '',
+              overlap_table(analysis.get('act_vs_weight', {})),
+              '### Stability: channel sets from two disjoint probe halves',
+              '', overlap_table(analysis.get('stability', {}))]
+    if analysis.get('overlap_scores'):
+      lines += ['### Between the first two activation scores', '',
+                overlap_table(analysis['overlap_scores'])]
+    if analysis.get('overlap'):
+      lines += ['### Between abilities (disentanglement)', '',
+                '| sets | Jaccard | random sets |', '|---|---|---|'] + [
+                    f'| {k} | {v["jaccard"]:.3f} | '
+                    f'{v["random_expected"]:.3f} |'
+                    for k, v in analysis['overlap'].items()] + ['']
+    if rc.plots:
+      plot_files.append(plots.concentration_bars(
+          analysis, os.path.join(out_dir, 'concentration.png')))
+  lines += ['## Wall time and peak memory per stage', '',
+            stage_table(markers)]
+  plot_files = [os.path.basename(p) for p in plot_files if p]
+  if plot_files:
+    lines += ['## Plots', ''] + [f'![{p}]({p})' for p in plot_files]
+  text = '\n'.join(lines) + '\n'
+  atomic.write_json(os.path.join(out_dir, 'results.json'), results)
+  atomic.write_text(os.path.join(out_dir, 'report.md'), text)
+  return {'plots': plot_files, 'jobs': sorted(results['jobs'])}
+
+
+def _job_line(job: jobs_lib.Job) -> str:
+  if job.kind == 'recover':
+    p = job.pairs[0]
+    return (f'Recover `{p.ability}` from `{p.source}` into `{p.target}`; '
+            f'localized on the probe sets of {", ".join(p.probe)}.')
+  specs = ', '.join(f'`{p.source}` ({p.ability})' for p in job.pairs)
+  return f'Merge {specs} into `{job.base}`.'
+
+
+def _setup(plan: jobs_lib.Plan) -> list[str]:
+  loc, sw = plan.localize, plan.sweep
+  out = ['- Models: ' + ', '.join(f'`{n}` = {plan.models[n]}'
+                                  for n in plan.model_names) + '.']
+  for name, a in plan.abilities.items():
+    if a.eval:
+      how = (f'greedy generation ({a.max_new_tokens} tokens), match '
+             f'`{a.match}`' if a.metric == 'exact_match' else
+             'perplexity')
+      out.append(f'- Ability `{name}`: {a.template} rendering, {how}; eval '
+                 f'{a.eval}' + (f'; probe {a.probe}' if a.probe else '') +
+                 (f'; SFT {a.sft}' if a.sft else '') + '.')
+  out.append(f'- Localization: scores {", ".join(plan.scores)}, selection '
+             f'{loc.select} ({loc.unit}s) at rho '
+             f'{", ".join(f"{r:g}" for r in plan.rhos)}'
+             + (f' (+ {sw.extra_rhos} transplant only)' if sw.extra_rhos
+                else '') + '; random and weight-diff channels at the same '
+             'per-(site, layer) budget.')
+  tc = plan.train
+  out.append(f'- Compatibility fine-tune (`+ft`): scope {tc.scope}, '
+             f'{tc.num_steps} steps x {tc.batch_size} x {tc.max_seq_len} '
+             f'tokens, lr {tc.lr:g}; SFT mix by {plan.sft.mix_by} '
+             f'(transferred {plan.sft.ability_weight:g}, retained '
+             f'{plan.sft.retain_weight:g}). `full_ft`: the same data, steps '
+             'and lr, every param.')
+  return out + ['']
+
+
+def publish(out_dir: str, dest: str) -> str:
+  """Copies report.md to `dest` and its plots to `<dest stem>/`, with the
+  image links rewritten to that folder."""
+  stem = os.path.splitext(os.path.basename(dest))[0]
+  dest_dir = os.path.dirname(os.path.abspath(dest))
+  with open(os.path.join(out_dir, 'report.md'), encoding='utf-8') as f:
+    text = f.read()
+  pngs = sorted(p for p in os.listdir(out_dir) if p.endswith('.png'))
+  if pngs:
+    os.makedirs(os.path.join(dest_dir, stem), exist_ok=True)
+  for p in pngs:
+    shutil.copyfile(os.path.join(out_dir, p), os.path.join(dest_dir, stem, p))
+    text = text.replace(f']({p})', f']({stem}/{p})')
+  return atomic.write_text(dest, text)

@@ -1,0 +1,44 @@
+"""The pipeline's entry: config -> plan -> pre-flight -> stages -> runner."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from act_jax import distributed
+from act_jax.pipeline import jobs
+from act_jax.pipeline import preflight
+from act_jax.pipeline import runner
+from act_jax.pipeline import stages
+
+
+def run_pipeline(config, workdir: str) -> dict[str, dict]:
+  """Runs the configured stages of `config` into `workdir`.
+
+  Everything that can be checked before heavy work is: the config (keys,
+  values, cross references), the stage plan (missing inputs), the models
+  (architecture, tokenizer; after the case build when there is one) and the
+  data files.
+
+  Returns:
+    `{stage: completion record}`.
+  """
+  workdir = os.path.abspath(workdir)
+  plan = jobs.plan_from_config(config, workdir)
+  preflight.check_plan(plan)
+  stage_list = stages.make_stages(plan)
+  runner.check_plan(stage_list, workdir, plan.stages)
+  if not plan.case or runner.is_complete(workdir, 'build_models'):
+    # A case's models and data only exist after its build (convert checks
+    # the models again).
+    preflight.check_models(plan)
+    preflight.check_data(plan)
+  records = runner.run_stages(stage_list, workdir, plan.stages)
+  report = os.path.join(workdir, 'report.md')
+  if 'report' in records and os.path.isfile(report) and (
+      distributed.is_primary()):
+    with open(report, encoding='utf-8') as f:
+      logging.info('report: %s', report)
+      print(f.read())
+  return records

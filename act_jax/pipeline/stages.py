@@ -1,0 +1,598 @@
+"""The ACT stages: one function per stage, each taking its sub-configs.
+
+`make_stages(plan)` returns the ordered stages of the plan's modes:
+  build_models  (config.case set) the case builder, chosen by name
+                (`act_jax.cases.<name>.build`): toy models, SmolLM2 data
+                and specialists, ...
+  convert       every model a job uses -> `convert/<model>/` params dir
+  collect       per probed ability: activation statistics of all models on
+                its probe set, two disjoint halves + their sum (`full`)
+  localize      per job and ability: the sweep's scores (pooled over the
+                pair's probe abilities), the primary ACT / weight-diff /
+                random masks at one budget, and the four analyses
+  transfer      per job: the primary ACT transplant or merge
+  finetune      per job: its compatibility fine-tune (channels only)
+  evaluate      per job: every candidate of the sweep on every ability, with
+                per-item outcomes (one sub-artifact per candidate)
+  report        report.md, plots, results.json from the artifacts alone
+Artifacts (every write is atomic; sub-artifacts make killed stages resume):
+  convert/<model>/                        params dir
+  collect/<ability>/{half0,half1,full}/   statistics (io.stats)
+  localize/<job>/<ability>/scores.safetensors  `<score>[.half0|.half1]/<site>`
+                                          and `weight_diff/<site>`
+  localize/<job>/<ability>/{act,weight_diff,random}/  primary masks
+  localize/analysis.json                  concentration, overlaps, stability
+  transfer/<job>/act/, finetune/<job>/act_ft/  params dirs
+  evaluate/<job>/<candidate>.json         metrics + per-item outcomes
+  evaluate/<job>.json                     the job's table, in row order
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from act_jax import data
+from act_jax.act import analysis
+from act_jax.act import collect as collect_lib
+from act_jax.act import localize as localize_lib
+from act_jax.act import masks as masks_lib
+from act_jax.eval import metrics as eval_metrics
+from act_jax.io import atomic
+from act_jax.io import hf
+from act_jax.io import models as models_io
+from act_jax.io import params as params_io
+from act_jax.io import stats as stats_io
+from act_jax.model import capture
+from act_jax.pipeline import candidates as cand_lib
+from act_jax.pipeline import jobs as jobs_lib
+from act_jax.pipeline import report as report_lib
+from act_jax.pipeline import runner
+from act_jax.train import finetune as finetune_lib
+from act_jax.train import optim
+
+Ctx = runner.StageContext
+PARTS = ('full', 'half0', 'half1')
+# The act_jax code each stage runs (its drift key digests these sources).
+_CORE = ('model', 'io', 'data.py', 'distributed.py', 'pipeline/stages.py')
+CODE = {
+    'build_models': ('cases', 'act', 'train', 'eval') + _CORE,
+    'convert': _CORE,
+    'collect': ('act/collect.py',) + _CORE,
+    'localize': ('act', 'pipeline/candidates.py') + _CORE,
+    'transfer': ('act', 'pipeline/candidates.py') + _CORE,
+    'finetune': ('act', 'train', 'pipeline/candidates.py') + _CORE,
+    'evaluate': ('act', 'train', 'eval', 'pipeline/candidates.py') + _CORE,
+}
+
+
+def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
+  """The ordered stages of `plan` (each body gets only what it needs)."""
+  snap = jobs_lib.snapshot
+  models = {n: plan.models[n] for n in plan.model_names}
+  probed = {a: plan.abilities[a] for a in plan.probed_abilities}
+  out = []
+  if plan.case:
+    out.append(runner.Stage(
+        'build_models', lambda ctx: build_models(plan.case, ctx),
+        snapshot=snap(plan.case), code=CODE['build_models']))
+  pre = ('build_models',) if plan.case else ()
+  S = runner.Stage  # pylint: disable=invalid-name
+  out.append(S('convert', lambda ctx: convert(plan.convert, models, ctx),
+               inputs=pre, snapshot=snap(plan.convert, models),
+               code=CODE['convert']))
+  out.append(S('collect', lambda ctx: collect(plan.collect, probed,
+                                              plan.model_names, ctx),
+               inputs=('convert',), snapshot=snap(plan.collect, probed,
+                                                  plan.model_names),
+               code=CODE['collect']))
+  out.append(S('localize', lambda ctx: localize(plan, ctx),
+               inputs=('convert', 'collect'),
+               snapshot=snap(plan.localize, plan.scores, plan.rhos,
+                             plan.jobs), code=CODE['localize']))
+  if plan.modes != ('analyze',):
+    out.append(S('transfer', lambda ctx: transfer(plan, ctx),
+                 inputs=('convert', 'localize'),
+                 snapshot=snap(plan.localize, plan.transfer, plan.jobs),
+                 code=CODE['transfer']))
+    out.append(S('finetune', lambda ctx: finetune(plan, ctx),
+                 inputs=('convert', 'localize', 'transfer'),
+                 snapshot=snap(plan.train, plan.sft, plan.abilities,
+                               plan.jobs), code=CODE['finetune']))
+    out.append(S('evaluate', lambda ctx: evaluate(plan, ctx),
+                 inputs=('convert', 'localize', 'transfer', 'finetune'),
+                 snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
+                               plan.transfer, plan.baselines, plan.train,
+                               plan.sft, plan.abilities, plan.jobs),
+                 code=CODE['evaluate']))
+  out.append(S('report', lambda ctx: report(plan, ctx),
+               inputs=('localize',) if plan.modes == ('analyze',) else
+               ('localize', 'evaluate')))
+  logging.info('stages: %s', ', '.join(s.name for s in out))
+  return out
+
+
+def _model_dir(ctx: Ctx, name: str) -> str:
+  return os.path.join(ctx.input_dir('convert'), name)
+
+
+# ------------------------------------------------------------ build, convert
+
+
+def build_models(case: dict[str, Any], ctx: Ctx) -> dict:
+  """The case's builder, loaded by name (`act_jax.cases.<name>.build`, as
+  big_vision loads evaluators): the core never imports a case."""
+  try:
+    module = importlib.import_module(f'act_jax.cases.{case["name"]}.build')
+  except ModuleNotFoundError:
+    raise jobs_lib.ConfigError(
+        f'--config.case.name={case["name"]!r}: no such case (a package '
+        f'act_jax/cases/<name>/ with build.py)') from None
+  return module.build(dict(case), ctx.out_dir)
+
+
+def convert(convert_cfg: jobs_lib.ConvertConfig, models: dict[str, str],
+            ctx: Ctx) -> dict:
+  """Every needed model -> `convert/<model>/` params dir (resumable)."""
+  models_io.check_related(models)
+  for name, path in models.items():
+    if ctx.sub_done(name):
+      continue
+    cfg, params = models_io.load_model(
+        path, param_dtype=convert_cfg.param_dtype or None)
+    hf_cfg = None
+    if os.path.isfile(os.path.join(path, 'config.json')):
+      hf_cfg = hf.read_hf_config_dict(path)
+    else:
+      hf_cfg = params_io.load_hf_config_dict(path)
+    params_io.save_params_dir(ctx.sub_dir(name), params, cfg,
+                              tokenizer_dir=path, hf_config=hf_cfg,
+                              meta={'source': os.path.abspath(path)})
+  return {'models': models}
+
+
+# ------------------------------------------------------------------ collect
+
+
+def data_config(ability: jobs_lib.Ability, use: str, max_seq_len: int,
+                batch_size: int = 8, count_tokens: str = 'all'
+               ) -> data.DataConfig:
+  """How `ability`'s records become rows for one use: probe | eval | sft.
+
+  One rendering per ability whatever the use. The response is the answer
+  (+ EOS for template qa; a chat template ends the turn itself); SFT plain
+  text is cut into chunks of T so no token is lost, other records longer
+  than T are truncated.
+  """
+  return data.DataConfig(
+      template=ability.template, text_field=ability.text_field,
+      prompt_field=ability.prompt_field,
+      response_field=ability.response_field, qa_format=ability.qa_format,
+      max_seq_len=max_seq_len, batch_size=batch_size,
+      pack=ability.probe_pack if use == 'probe' else False,
+      loss_on=count_tokens if use == 'probe' else 'response',
+      overflow=('chunk' if use == 'sft' and ability.template == 'text'
+                else 'truncate'),
+      add_eos=use != 'probe' and ability.template == 'qa')
+
+
+def collect(collect_cfg: jobs_lib.CollectConfig,
+            abilities: dict[str, jobs_lib.Ability], names: tuple[str, ...],
+            ctx: Ctx) -> dict:
+  """Statistics of all models on each probed ability's probe set.
+
+  The probe set is split into two disjoint halves (even / odd records);
+  `full` is their sum, so stability needs no extra forward passes.
+  """
+  dirs = [_model_dir(ctx, n) for n in names]
+  tok = models_io.load_tokenizer(dirs[0])
+  loaded = [models_io.load_model(d) for d in dirs]
+  cfg = loaded[0][0].replace(dtype=collect_cfg.dtype)
+  params = [p for _, p in loaded]
+  spec = capture.CaptureSpec(jobs_lib.parse_list(collect_cfg.sites) or
+                             capture.OUTPUT_SITES)
+  out = {}
+  for name, ability in abilities.items():
+    recs = data.load_records(ability.probe)
+    if collect_cfg.num_probe:
+      recs = recs[:collect_cfg.num_probe]
+    halves = []
+    for h in range(2):
+      sub = os.path.join(name, f'half{h}')
+      if not ctx.sub_done(sub):
+        dcfg = data_config(ability, 'probe', collect_cfg.max_seq_len,
+                           collect_cfg.batch_size, collect_cfg.count_tokens)
+        batches, info = data.load_batches(dcfg, tok, records=recs[h::2])
+        mine = data.local_batches(batches, jax.process_index(),
+                                  jax.process_count())
+        flat = collect_lib.collect_stats(
+            params, cfg, mine, spec, ckpt_dir=ctx.sub_dir(sub + '.ckpt'),
+            save_every=collect_cfg.save_every, num_batches=len(mine),
+            fingerprint={'probe': info, 'models': list(names)})
+        manifest = stats_io.make_manifest(names, cfg, spec.sites,
+                                          dict(info, path=ability.probe,
+                                               half=h), flat)
+        stats_io.save_stats(ctx.sub_dir(sub), flat, manifest)
+        atomic.remove_tree(ctx.sub_dir(sub + '.ckpt'))
+      halves.append(stats_io.load_stats(ctx.sub_dir(sub)))
+    full = stats_io.add_stats(halves)
+    stats_io.save_stats(ctx.sub_dir(os.path.join(name, 'full')), full,
+                        dict(halves[0].manifest, num_tokens=int(
+                            full['count'][0]), probe={
+                                'path': ability.probe, 'halves': 2}))
+    out[name] = {'tokens': int(full['count'][0]), 'texts': len(recs)}
+  return out
+
+
+# ----------------------------------------------------------------- localize
+
+
+def pair_stats(collect_dir: str, pair: jobs_lib.Pair
+              ) -> dict[str, stats_io.Stats]:
+  """`{part: Stats}` of a pair, pooled over its probe abilities."""
+  out = {}
+  for part in PARTS:
+    parts = [stats_io.load_stats(os.path.join(collect_dir, a, part))
+             for a in pair.probe]
+    if len(parts) == 1:
+      out[part] = parts[0]
+    else:
+      out[part] = stats_io.as_stats(stats_io.add_stats(parts),
+                                    parts[0].manifest)
+  return out
+
+
+def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+  """Scores of the sweep, primary masks and the analyses, per job pair."""
+  names = list(plan.model_names)
+  loc = plan.localize
+  summary, found = {}, {}
+  analyses = {'concentration': {}, 'act_vs_weight': {}, 'stability': {},
+              'overlap_scores': {}, 'overlap': {}}
+  for job in plan.jobs:
+    builder = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
+                               ctx.out_dir)
+    cfg = builder.config()
+    for k, pair in enumerate(job.pairs):
+      key = f'{job.name}/{pair.ability}'
+      st = pair_stats(ctx.input_dir('collect'), pair)
+      i, j = names.index(pair.source), names.index(pair.target)
+      arrays = {}
+      for score in plan.scores:
+        for part in PARTS:
+          s = localize_lib.channel_scores(st[part].arrays, st[part].count, i,
+                                          j, score)
+          prefix = score if part == 'full' else f'{score}.{part}'
+          arrays.update({f'{prefix}/{site}': a for site, a in s.items()})
+      sites = [s for s in st['full'].sites
+               if s in masks_lib.TRANSFERABLE_SITES]
+      wd = localize_lib.weight_scores(builder.params(pair.source),
+                                      builder.params(pair.target), sites)
+      arrays.update({f'weight_diff/{s}': a for s, a in wd.items()})
+      path = cand_lib.scores_path(ctx.out_dir, job.name, pair.ability)
+      stats_io.save_scores(path, arrays)
+      act_scores = {s: stats_io.load_scores(path, s) for s in plan.scores}
+      meta = {'job': job.name, 'ability': pair.ability,
+              'source': pair.source, 'target': pair.target,
+              'probe': list(pair.probe), 'score': loc.score,
+              'select': loc.select, 'top_frac': loc.top_frac,
+              'unit': loc.unit, 'model_config': cfg.to_dict()}
+      masks = {}
+      for kind in jobs_lib.SELECTORS:
+        m, sc = cand_lib.channel_masks(
+            kind, loc.score, loc.top_frac, act_scores=act_scores,
+            weight_scores=wd, loc=loc, cfg=cfg, seed=loc.seed + k)
+        masks[kind] = m
+        sub = os.path.join(key, kind)
+        if not ctx.sub_done(sub):
+          masks_lib.save_masks(ctx.sub_dir(sub), m, dict(meta, kind=kind),
+                               scores=sc)
+      found[key] = masks['act']
+      summary[key] = {'channels': int(masks_lib.count(masks['act'])),
+                      'total': int(sum(np.size(v) for v in
+                                       masks['act'].values()))}
+      _analyze(plan, key, act_scores, wd, path, cfg, analyses)
+  for k1, k2 in itertools.combinations(sorted(found), 2):
+    analyses['overlap'][f'{k1} vs {k2}'] = analysis.overlap(found[k1],
+                                                            found[k2])
+  atomic.write_json(ctx.sub_dir('analysis.json'), analyses)
+  return summary
+
+
+def _analyze(plan, key, act_scores, wd, path, cfg, out) -> None:
+  """Concentration, act-vs-weight overlap, stability of one pair."""
+  loc = plan.localize
+  out['concentration'][key] = {s: analysis.concentration(v)
+                               for s, v in act_scores.items()}
+  out['concentration'][key]['weight_diff'] = analysis.concentration(wd)
+  halves = {s: [stats_io.load_scores(path, f'{s}.half{h}') for h in (0, 1)]
+            for s in plan.scores}
+  for rho in plan.rhos:
+    r = f'{rho:g}'
+    wmask, _ = cand_lib.channel_masks('weight_diff', '', rho,
+                                      act_scores=act_scores,
+                                      weight_scores=wd, loc=loc, cfg=cfg,
+                                      seed=loc.seed)
+    for s in plan.scores:
+      amask = cand_lib.select_mask(act_scores[s], loc, rho, cfg)
+      out['act_vs_weight'].setdefault(key, {}).setdefault(r, {})[s] = (
+          _brief(analysis.overlap(amask, wmask)))
+      a, b = (cand_lib.select_mask(x, loc, rho, cfg) for x in halves[s])
+      out['stability'].setdefault(key, {}).setdefault(r, {})[s] = _brief(
+          analysis.stability(a, b))
+    if len(plan.scores) >= 2:
+      m0, m1 = (cand_lib.select_mask(act_scores[s], loc, rho, cfg)
+                for s in plan.scores[:2])
+      out['overlap_scores'].setdefault(key, {})[r] = _brief(
+          analysis.overlap(m0, m1))
+
+
+def _brief(o: dict[str, Any]) -> dict[str, float]:
+  return {'jaccard': float(o['jaccard']),
+          'random': float(o['random_expected'])}
+
+
+# ----------------------------------------------------- transfer, finetune
+
+
+def transfer(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+  """The primary ACT transplant (recover) or merge of each job."""
+  out = {}
+  for job in plan.jobs:
+    if job.analyze_only:
+      continue
+    sub = os.path.join(job.name, 'act')
+    b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
+                         ctx.input_dir('localize'))
+    cand = cand_lib.primary(plan, finetune=False)
+    if not ctx.sub_done(sub):
+      params_io.save_params_dir(ctx.sub_dir(sub), b.build(cand), b.config(),
+                                tokenizer_dir=_model_dir(ctx, job.base),
+                                meta={'candidate': cand.name})
+    out[job.name] = {'candidate': cand.name,
+                     'channels': masks_lib.count(b.train_mask(cand))}
+  return out
+
+
+def sft_batches(plan: jobs_lib.Plan, job: jobs_lib.Job, tokenizer
+               ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+  """The compatibility fine-tune's batches: the job's abilities' SFT data.
+
+  The transferred abilities share `sft.ability_weight`, the others (with
+  SFT data) share `sft.retain_weight`, each group split evenly; shares
+  count records or tokens (`sft.mix_by`).
+  """
+  sft, tc = plan.sft, plan.train
+  moved = {p.ability for p in job.pairs}
+  with_sft = [a for a in plan.abilities.values() if a.sft]
+  groups = ([a for a in with_sft if a.name in moved],
+            [a for a in with_sft if a.name not in moved])
+  sources = []
+  for group, share in zip(groups, (sft.ability_weight, sft.retain_weight)):
+    for a in group:
+      if share > 0:
+        sources.append((a, share / len(group)))
+  if not sources:
+    raise jobs_lib.ConfigError(f'job {job.name}: no ability has SFT data '
+                               '(abilities.<name>.sft) for the fine-tune')
+
+  def examples(a, records):
+    dcfg = data_config(a, 'sft', tc.max_seq_len)
+    return data.tokenize_records(records, tokenizer, dcfg,
+                                 source=a.sft).examples
+
+  info = {'sources': {a.name: {'path': a.sft, 'weight': w}
+                      for a, w in sources}, 'mix_by': sft.mix_by}
+  if sft.mix_by == 'tokens':
+    total = tc.num_steps * tc.batch_size * tc.max_seq_len
+    mixed = data.mix_examples(
+        [(examples(a, data.load_records(a.sft)), w) for a, w in sources],
+        total, seed=sft.seed)
+  else:
+    # Each record keeps its own ability's rendering through the mixture.
+    recs = data.mix_sources(
+        [([dict(r, _ability=a.name) for r in data.load_records(a.sft)], w)
+         for a, w in sources], seed=sft.seed, total=sft.num_records)
+    mixed = _tokenize_mixed(recs, sources, tokenizer, tc)
+  batches = data.make_batches(mixed, tc.batch_size, tc.max_seq_len,
+                              pack=sft.pack, loss_on='response')
+  info.update(examples=len(mixed), batches=len(batches),
+              tokens=int(sum(len(e.ids) for e in mixed)))
+  return batches, info
+
+
+def _tokenize_mixed(records, sources, tokenizer, tc):
+  """Tokenizes a record mixture, each record with its own ability's
+  rendering (records carry their ability's name in `_ability`)."""
+  out = []
+  specs = {a.name: a for a, _ in sources}
+  for r in records:
+    a = specs[r['_ability']]
+    rec = {k: v for k, v in r.items() if k != '_ability'}
+    dcfg = data_config(a, 'sft', tc.max_seq_len)
+    out += data.tokenize_records([rec], tokenizer, dcfg,
+                                 source=a.sft).examples
+  return out
+
+
+def compat_finetune(plan: jobs_lib.Plan, params, cfg, mask, batches,
+                    workdir: str, scope: str | None = None):
+  """The compatibility fine-tune (or, scope 'full', the full-FT baseline)."""
+  tc = plan.train
+  if scope is not None:
+    tc = dataclasses.replace(tc, scope=scope,
+                             lean=tc.lean and scope == 'channels')
+  tree = None if tc.scope == 'full' else masks_lib.leaf_masks(mask, params)
+  return finetune_lib.finetune(tc, params, cfg, batches, mask=tree,
+                               workdir=workdir)
+
+
+def finetune(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+  """Compatibility fine-tune of each job's primary ACT result (nothing
+  when `sweep.finetune` has no `act`)."""
+  out = {}
+  if 'act' not in jobs_lib.parse_list(plan.sweep.finetune):
+    return {'skipped': 'sweep.finetune does not fine-tune act'}
+  for job in plan.jobs:
+    if job.analyze_only:
+      continue
+    sub = os.path.join(job.name, 'act_ft')
+    if ctx.sub_done(sub):
+      continue
+    b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
+                         ctx.input_dir('localize'))
+    cand = cand_lib.primary(plan, finetune=True)
+    cfg, start = models_io.load_model(os.path.join(
+        ctx.input_dir('transfer'), job.name, 'act'))
+    tok = models_io.load_tokenizer(_model_dir(ctx, job.base))
+    batches, info = sft_batches(plan, job, tok)
+    mask = b.train_mask(cand)
+    new = compat_finetune(plan, start, cfg, mask, batches,
+                          ctx.sub_dir(job.name + '_work'))
+    params_io.save_params_dir(ctx.sub_dir(sub), new, cfg,
+                              tokenizer_dir=_model_dir(ctx, job.base),
+                              meta={'candidate': cand.name, 'sft': info})
+    out[job.name] = {'sft': info,
+                     'trainable_channels': int(masks_lib.count(mask))}
+  return out
+
+
+# ----------------------------------------------------------------- evaluate
+
+
+def eval_sets(plan: jobs_lib.Plan, names, tokenizer) -> dict[str, dict]:
+  """`{ability: {'metric', 'batches' | 'items', ...}}`, built once."""
+  ev = plan.evaluate
+  out = {}
+  for name in names:
+    a = plan.abilities[name]
+    recs = data.load_records(a.eval)[:ev.num_eval or None]
+    if a.metric == 'perplexity':
+      dcfg = data_config(a, 'eval', ev.max_seq_len, ev.batch_size)
+      out[name] = {'metric': 'perplexity',
+                   'batches': data.load_batches(dcfg, tokenizer, recs)[0]}
+    else:
+      dcfg = data_config(a, 'eval', ev.max_seq_len)
+      out[name] = {'metric': 'exact_match', 'items': data.generation_items(
+          recs, tokenizer, dcfg, a.answers_field, source=a.eval)}
+  return out
+
+
+def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
+                    stop_ids) -> dict[str, dict[str, Any]]:
+  """`{ability: {metric: value, 'items': per-item outcomes}}` of one model."""
+  out = {}
+  for name, s in sets.items():
+    a = plan.abilities[name]
+    if s['metric'] == 'perplexity':
+      r = eval_metrics.perplexity(params, cfg, s['batches'])
+      out[name] = {'perplexity': r['ppl'], 'nll': r['nll'],
+                   'items': r['items']}
+    else:
+      r = eval_metrics.generation(
+          params, cfg, tokenizer, s['items'], match=a.match,
+          pattern=a.pattern, max_new_tokens=a.max_new_tokens,
+          batch_size=plan.evaluate.gen_batch_size, stop_ids=stop_ids)
+      out[name] = {'exact_match': r['acc'], 'items': r['items']}
+  return out
+
+
+def _moved(builder: cand_lib.Builder, cand: cand_lib.Candidate) -> int | None:
+  if not cand.channels:
+    return None
+  params = builder.params(builder.job.base)
+  tree = masks_lib.leaf_masks(builder.train_mask(cand), params)
+  return optim.mask_counts(optim.normalize_mask(tree, params), params)[0]
+
+
+def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+  """Every candidate of every job on every evaluated ability."""
+  out = {}
+  for job in plan.jobs:
+    if job.analyze_only:
+      continue
+    b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
+                         ctx.input_dir('localize'))
+    cfg = b.config()
+    base_dir = _model_dir(ctx, job.base)
+    tok = models_io.load_tokenizer(base_dir)
+    stop_ids = models_io.generation_stop_ids(base_dir, tok)
+    sets = eval_sets(plan, job.abilities, tok)
+    cands = cand_lib.enumerate_candidates(job, plan)
+    primary = {cand_lib.primary(plan, False).name: ('transfer', 'act'),
+               cand_lib.primary(plan, True).name: ('finetune', 'act_ft')}
+    sft = None
+    t0, done = time.time(), 0
+    for n, cand in enumerate(cands, start=1):
+      sub = os.path.join(job.name, cand.file)
+      if ctx.sub_done(sub):
+        continue
+      t1 = time.time()
+      info: dict[str, Any] = {'candidate': dataclasses.asdict(cand)}
+      if cand.name in primary:
+        stage, leaf = primary[cand.name]
+        params = models_io.load_model(os.path.join(
+            ctx.input_dir(stage), job.name, leaf))[1]
+      else:
+        params = b.build(cand)
+        if cand.finetune:
+          if sft is None:
+            sft = sft_batches(plan, job, tok)
+          work = ctx.sub_dir(os.path.join(job.name, cand.name + '.work'))
+          tf = time.time()
+          # finetune never donates the caller's arrays: the shared leaves
+          # of a transplant and its target stay valid.
+          params = compat_finetune(
+              plan, params, cfg,
+              None if cand.kind == 'full_ft' else b.train_mask(cand),
+              sft[0], work, scope='full' if cand.kind == 'full_ft' else None)
+          info['finetune_s'] = round(time.time() - tf, 2)
+          info['sft'] = sft[1]
+      info['params_moved'] = _moved(b, cand)
+      te = time.time()
+      info['metrics'] = evaluate_params(params, cfg, sets, tok, plan,
+                                        stop_ids)
+      info['eval_s'] = round(time.time() - te, 2)
+      info['wall_s'] = round(time.time() - t1, 2)
+      atomic.write_json(ctx.sub_dir(sub), info)
+      atomic.remove_tree(ctx.sub_dir(os.path.join(job.name,
+                                                  cand.name + '.work')))
+      done += 1
+      rate = (time.time() - t0) / done
+      logging.info('evaluate %s: %d/%d %s (%.0fs; ETA %.0fs): %s', job.name,
+                   n, len(cands), cand.name, info['wall_s'],
+                   rate * (len(cands) - n),
+                   {a: {k: round(v, 4) for k, v in m.items() if k != 'items'}
+                    for a, m in info['metrics'].items()})
+      del params
+    table = {}
+    for cand in cands:
+      rec = atomic.read_json(ctx.sub_dir(os.path.join(job.name, cand.file)))
+      table[cand.name] = {a: {k: v for k, v in m.items()
+                              if k not in ('items', 'nll')}
+                          for a, m in rec['metrics'].items()}
+    atomic.write_json(ctx.sub_dir(job.name + '.json'),
+                      {'results': table, 'order': [c.name for c in cands]})
+    out[job.name] = {'candidates': len(cands)}
+  return out
+
+
+def report(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+  """report.md, plots and results.json; copied to the workdir root (and to
+  `report.out` when set)."""
+  info = report_lib.build_report(ctx.workdir, ctx.out_dir, plan)
+  for name in ('results.json', 'report.md'):
+    with open(os.path.join(ctx.out_dir, name), encoding='utf-8') as f:
+      atomic.write_text(os.path.join(ctx.workdir, name), f.read())
+  if plan.report.out:
+    report_lib.publish(ctx.out_dir, plan.report.out)
+  return info
+
