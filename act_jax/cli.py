@@ -105,6 +105,10 @@ def define_section_flags(cls, only: tuple[str, ...] | None = None,
   """
   hints = typing.get_type_hints(cls)
   helps = field_help(cls)
+  # The flags belong to the calling CLI module, so its --help lists them
+  # with its own (absl names the main module after sys.argv[0]).
+  caller = sys._getframe(1).f_globals.get('__name__', '')  # pylint: disable=protected-access
+  module = sys.argv[0] if caller == '__main__' else caller
   for f in dataclasses.fields(cls):
     if not f.init or (only is not None and f.name not in only):
       continue
@@ -113,13 +117,13 @@ def define_section_flags(cls, only: tuple[str, ...] | None = None,
     doc = helps.get(f.name, f.name)
     kind = hints[f.name]
     if kind is bool:
-      flags.DEFINE_bool(name, default, doc)
+      flags.DEFINE_bool(name, default, doc, module_name=module)
     elif kind is int:
-      flags.DEFINE_integer(name, default, doc)
+      flags.DEFINE_integer(name, default, doc, module_name=module)
     elif kind is float:
-      flags.DEFINE_float(name, default, doc)
+      flags.DEFINE_float(name, default, doc, module_name=module)
     else:
-      flags.DEFINE_string(name, default, doc)
+      flags.DEFINE_string(name, default, doc, module_name=module)
 
 
 def section_from_flags(cls, fl, only: tuple[str, ...] | None = None,
