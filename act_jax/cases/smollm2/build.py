@@ -35,6 +35,7 @@ from act_jax.cases.smollm2 import weights
 from act_jax.io import atomic
 from act_jax.io import models as models_io
 from act_jax.io import params as params_io
+from act_jax.pipeline import jobs
 from act_jax.pipeline import runner
 from act_jax.train import finetune
 
@@ -56,13 +57,9 @@ class SmolConfig:
 
 
 def config(case_cfg: dict) -> SmolConfig:
-  """The case config, strictly (an unknown key names the valid ones)."""
-  known = [f.name for f in dataclasses.fields(SmolConfig)]
-  unknown = sorted(set(case_cfg) - set(known))
-  if unknown:
-    raise ValueError(f'config.case: unknown key {unknown[0]!r} for case '
-                     f'smollm2; valid keys: {", ".join(known)}')
-  return SmolConfig(**case_cfg)
+  """The case config, strictly: an unknown key or a wrong type is an error
+  naming it (and the valid keys)."""
+  return jobs.section(SmolConfig, case_cfg, 'case')
 
 
 def languages(spec: str) -> list[tuple[str, int]]:

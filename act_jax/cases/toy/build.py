@@ -32,6 +32,7 @@ from act_jax.io import models as models_io
 from act_jax.model import forward
 from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
+from act_jax.pipeline import jobs
 from act_jax.train import finetune
 
 
@@ -59,16 +60,9 @@ class ToyConfig:
 
 
 def config(case_cfg: dict) -> ToyConfig:
-  """The case config, strictly: an unknown key names the valid ones."""
-  known = [f.name for f in dataclasses.fields(ToyConfig)]
-  unknown = sorted(set(case_cfg) - set(known))
-  if unknown:
-    raise ValueError(f'config.case: unknown key {unknown[0]!r} for case '
-                     f'toy; valid keys: {", ".join(known)}')
-  return ToyConfig(**case_cfg)
-
-# Disjoint seed offsets per split, so probe/eval/sft/train never coincide.
-_SPLIT_SEED = {'probe': 101, 'eval': 202, 'sft': 303, 'train': 404}
+  """The case config, strictly: an unknown key or a wrong type is an error
+  naming it (and the valid keys)."""
+  return jobs.section(ToyConfig, case_cfg, 'case')
 
 
 def parse_weights(spec: str) -> dict[str, float]:
