@@ -192,13 +192,17 @@ def comparisons(view: JobView) -> list[dict[str, Any]]:
   job = view.job
   ref = 'target' if job.kind == 'recover' else job.base
   channel = [c for c in view.order if '@' in c]
+  moved = {p.ability for p in job.pairs}
   for cand in view.order:
     if cand == ref or not view.has(ref):
       continue
     if cand in channel and cand.startswith(('random', 'weight_diff')):
       continue  # shown against ACT below
     for a in view.abilities:
-      out.append(dict(view.compare(cand, ref, a), group=f'vs {ref}'))
+      # Every candidate against the reference on what was transferred; on
+      # the other abilities (what must be kept) the ACT rows.
+      if a in moved or cand.startswith('act['):
+        out.append(dict(view.compare(cand, ref, a), group=f'vs {ref}'))
   for cand in channel:
     if not cand.startswith('act['):
       continue

@@ -52,6 +52,7 @@ from act_jax.io import models as models_io
 from act_jax.io import params as params_io
 from act_jax.io import stats as stats_io
 from act_jax.model import capture
+from act_jax.model import forward
 from act_jax.pipeline import candidates as cand_lib
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.pipeline import report as report_lib
@@ -557,6 +558,7 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
           info['finetune_s'] = round(time.time() - tf, 2)
           info['sft'] = sft[1]
       info['params_moved'] = _moved(b, cand)
+      info['num_params'] = forward.count_params(params)
       te = time.time()
       info['metrics'] = evaluate_params(params, cfg, sets, tok, plan,
                                         stop_ids)
