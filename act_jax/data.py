@@ -43,6 +43,7 @@ BATCH_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt',
               'positions_bt', 'segment_ids_bt')
 _EXT_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
                  '.txt': 'text', '.csv': 'csv'}
+FILE_TYPES = tuple(_EXT_BUILDERS)  # data file extensions load_records reads
 
 
 class DataError(ValueError):
