@@ -44,6 +44,13 @@ MASKS_FILE = 'channel_masks.json'
 RESULTS = {'act': ('transfer', False), 'act_ft': ('finetune', True)}
 
 
+def masks_json(masks: dict[str, Any]) -> str:
+  """HF-named masks as JSON, one tensor a line (readable at 7B sizes)."""
+  lines = [f'  {json.dumps(k)}: {json.dumps(v, sort_keys=True)}'
+           for k, v in sorted(masks.items())]
+  return '{\n' + ',\n'.join(lines) + '\n}\n'
+
+
 def result_dirs(workdir: str, job: jobs_lib.Job) -> dict[str, str]:
   """`{result: params dir}` of the results `job` saved (act, act_ft)."""
   out = {}
@@ -54,8 +61,8 @@ def result_dirs(workdir: str, job: jobs_lib.Job) -> dict[str, str]:
   return out
 
 
-def _table(results: dict[str, Any], job: jobs_lib.Job, cand: str
-          ) -> dict[str, dict[str, dict[str, list[float]]]]:
+def _table(results: dict[str, Any], workdir: str, job: jobs_lib.Job,
+           cand: str) -> dict[str, dict[str, dict[str, list[float]]]]:
   """Before / after rows `{model: {ability: {metric: [v, lo, hi]}}}` from
   the report's results.json (the job's models, then this result)."""
   view = results.get('jobs', {}).get(job.name)
@@ -63,9 +70,9 @@ def _table(results: dict[str, Any], job: jobs_lib.Job, cand: str
     return {}
   refs = (['target', 'source'] if job.kind == 'recover' else
           [job.base] + [p.source for p in job.pairs])
-  metrics = {}
-  for row in view.get('comparisons', []):
-    metrics[row['ability']] = row['metric']
+  table = atomic.read_json(os.path.join(
+      runner.stage_dir(workdir, 'evaluate'), job.name + '.json'))['results']
+  metrics = {a: next(iter(m)) for a, m in table[cand].items()}
   out = {}
   for name in refs + [cand]:
     vals = view['values'].get(name)
@@ -93,7 +100,7 @@ def _card(plan: jobs_lib.Plan, job: jobs_lib.Job, result: str, cand: str,
       target=plan.models[job.base], mask=mask, probe_data=probes,
       finetune_data=meta.get('sft') if tuned else None,
       train_cfg=plan.train if tuned else None,
-      results=_table(results, job, cand),
+      results=_table(results, workdir, job, cand),
       notes=(f'Candidate `{cand}`: channels by `{loc.score}`, selection '
              f'`{loc.select}` at rho {loc.top_frac:g} ({loc.unit}s), '
              f'alpha {plan.transfer.alpha:g}'
@@ -102,7 +109,9 @@ def _card(plan: jobs_lib.Plan, job: jobs_lib.Job, result: str, cand: str,
              ('; then the compatibility fine-tune of those channels only'
               if tuned else '; transplant only, no fine-tune') +
              f'. `{MASKS_FILE}` lists the transferred entries by HF tensor '
-             'name (rows = output channels, cols = input channels).'))
+             'name (rows = output channels, cols = input channels). '
+             'Evaluate it with lm-evaluation-harness: `lm_eval --model hf '
+             '--model_args pretrained=<this directory> --tasks <tasks>`.'))
   bases = [plan.models[m] for m in job.models]
   return str(card.hub_card(body, base_models=bases))
 
@@ -153,5 +162,5 @@ def export_results(plan: jobs_lib.Plan, workdir: str, out_dir: str,
       # The union file goes last: its presence marks the result done.
       files[MASKS_FILE] = masks_lib.hf_tensor_masks(mask, cfg)
       for name, content in files.items():
-        atomic.write_json(os.path.join(out, name), content, indent=1)
+        atomic.write_text(os.path.join(out, name), masks_json(content))
   return summary

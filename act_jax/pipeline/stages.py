@@ -131,7 +131,7 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
     out.append(S('export', lambda ctx: export_lib.export_results(
         plan, ctx.workdir, ctx.out_dir, ctx.sub_done),
                  inputs=('convert', 'localize', 'transfer', 'finetune',
-                         'report'),
+                         'evaluate', 'report'),
                  snapshot=snap(plan.export, plan.models, plan.localize,
                                plan.transfer, plan.train, plan.sft,
                                plan.jobs, {'bootstrap': plan.report.bootstrap,
