@@ -1,6 +1,6 @@
 """Channel masks: compact `{site: [L, C] bool}`, param trees, files, set ops.
 
-All mask logic lives here (ACT_METHOD steps 4-5, docs/method.md).
+All mask logic lives here (docs/method.md, steps 4-5).
 
 A channel mask says which (layer, channel) of each site is transferred.
 Transferable sites and what channel c of layer l means in the params:
