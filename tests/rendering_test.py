@@ -103,5 +103,17 @@ class RenderingTest(parameterized.TestCase):
       data.generation_items([RECORD], tok, data.DataConfig(template='text'))
 
 
+  def test_shipped_qa_formats_have_real_newlines(self):
+    for name in ('recover.py', 'merge.py'):
+      c = testutil.load_config(name)
+      for ability, a in c.abilities.items():
+        if a.template == 'qa':
+          text, _ = data.render(RECORD, 'qa', prompt_field='prompt',
+                                response_field='answer',
+                                qa_format=a.qa_format)
+          self.assertNotIn('\\n', text, f'{name} {ability}')
+          self.assertIn('\n', text, f'{name} {ability}')
+
+
 if __name__ == '__main__':
   absltest.main()
