@@ -11,5 +11,9 @@ def _reqs(name):
 
 setuptools.setup(
     install_requires=_reqs('requirements.txt'),
-    extras_require={'test': _reqs('requirements-test.txt')},
+    extras_require={
+        'test': _reqs('requirements-test.txt') + _reqs(
+            'requirements-lm-eval.txt'),
+        'lm_eval': _reqs('requirements-lm-eval.txt'),
+    },
 )

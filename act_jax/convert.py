@@ -23,11 +23,13 @@ from absl import logging
 
 from act_jax import cli
 from act_jax.io import hf
+from act_jax.io import models as models_io
 from act_jax.io import params as params_io
 from act_jax.model.config import ModelConfig
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory '
-                              '(input, or output with --to_hf).')
+                              'or Hub id org/name (input), or output '
+                              'directory with --to_hf.')
 _PARAMS_DIR = flags.DEFINE_string('params_dir', None, 'act-jax params '
                                   'directory (output, or input with --to_hf).')
 _TO_HF = flags.DEFINE_bool('to_hf', False, 'Convert params_dir -> hf_dir '
@@ -85,14 +87,16 @@ def _check_flags() -> tuple[str, str]:
       raise app.UsageError(f'--{flag.name} is required')
   src, dst = ((_PARAMS_DIR, _HF_DIR) if _TO_HF.value else
               (_HF_DIR, _PARAMS_DIR))
-  if not os.path.isdir(src.value):
+  # An input --hf_dir may be a Hub id (org/name): its local snapshot.
+  where = src.value if _TO_HF.value else models_io.resolve_model(src.value)
+  if not os.path.isdir(where):
     raise app.UsageError(f'--{src.name}={src.value}: not a directory')
-  if os.path.abspath(src.value) == os.path.abspath(dst.value):
+  if os.path.abspath(where) == os.path.abspath(dst.value):
     raise app.UsageError(f'--{dst.name} must differ from --{src.name}')
   if os.path.exists(dst.value) and not _OVERWRITE.value:
     raise app.UsageError(f'--{dst.name}={dst.value} already exists (pass '
                          '--overwrite to replace it)')
-  return src.value, dst.value
+  return where, dst.value
 
 
 def main(argv):

@@ -4,8 +4,13 @@ Pipeline (each step a plain function, usable alone):
   load_records(path)              list of dicts, from jsonl/json/parquet/txt,
                                   a `save_to_disk` directory, or a Hub name
   check_fields(records, ...)      clear error before any tokenization
+  render(record, template, ...)   one rendering per ability: text | qa | chat
+  encode_record(record, tok, cfg) its ids, response mask and prompt: the
+                                  one tokenization every use shares
   tokenize_records(records, tok)  Example(ids, response mask) per record,
-                                  with overflow handling (truncate | error)
+                                  with overflow handling (truncate | chunk |
+                                  error)
+  generation_items(records, ...)  greedy-generation prompts (the same ids)
   make_batches(examples, ...)     fixed `[B, T]` numpy batches (pad or pack)
   local_batches(batches, i, n)    process i's contiguous slice, padded with
                                   empty batches so every process steps alike
@@ -38,6 +43,7 @@ BATCH_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt',
               'positions_bt', 'segment_ids_bt')
 _EXT_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
                  '.txt': 'text', '.csv': 'csv'}
+FILE_TYPES = tuple(_EXT_BUILDERS)  # data file extensions load_records reads
 
 
 class DataError(ValueError):
@@ -252,32 +258,65 @@ def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
             f'{cfg.template!r}); available fields: {sorted(rec)}')
 
 
+def encode_record(record: dict[str, Any], tokenizer: Any, cfg: DataConfig
+                 ) -> tuple[list[int], list[int], int, str]:
+  """One record's token ids, response mask, prompt length and prompt text.
+
+  The one tokenization of a record, shared by every use (probe rows, SFT
+  rows, perplexity rows and generation prompts). The prompt (everything the
+  rendering puts before the response: the qa_format's head, the chat
+  template's user turn and generation prompt) is tokenized alone, exactly
+  as transformers' `generate` on the rendered prompt sees it; the rest of
+  the rendering continues those ids: the full rendering's own tokens when
+  they start with the prompt's, else (a token spans the boundary, e.g. a
+  byte-level BPE merging a qa_format's trailing space into the answer's
+  first word) the rest tokenized alone. So every use agrees token for token
+  up to the response, and the response mask is 1 from the first token after
+  the prompt. Template 'text' has no prompt: every non-special token is
+  response.
+
+  Special tokens (BOS, ...) are added by the tokenizer for 'text' and 'qa'
+  when `cfg.add_special_tokens`; a chat template writes its own.
+
+  Raises:
+    TemplateError when the record cannot be rendered.
+  """
+  text, start = render(
+      record, cfg.template, text_field=cfg.text_field,
+      prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+      qa_format=cfg.qa_format, tokenizer=tokenizer)
+  specials = cfg.add_special_tokens and cfg.template != 'chat'
+  if cfg.template == 'text':
+    enc = tokenizer(text, add_special_tokens=specials,
+                    return_special_tokens_mask=True)
+    ids = list(enc['input_ids'])
+    return ids, [1 - int(m) for m in enc['special_tokens_mask']], 0, ''
+  prompt = text[:start]
+  head = list(tokenizer(prompt, add_special_tokens=specials)['input_ids'])
+  full = list(tokenizer(text, add_special_tokens=specials)['input_ids'])
+  if full[:len(head)] == head:
+    ids = full
+  else:
+    ids = head + list(tokenizer(text[start:],
+                                add_special_tokens=False)['input_ids'])
+  return ids, [0] * len(head) + [1] * (len(ids) - len(head)), len(head), prompt
+
+
 def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
                      cfg: DataConfig, source: str = '') -> Tokenized:
-  """Renders and tokenizes every record; handles overflow per `cfg.overflow`.
-
-  Response tokens are found with the tokenizer's offset mapping: a token
-  counts as response when it ends after the response's first character.
-  """
+  """Renders and tokenizes every record (`encode_record`); handles overflow
+  per `cfg.overflow`; appends EOS (a response token) with `cfg.add_eos`."""
   source = source or cfg.path or '<records>'
   check_fields(records, cfg, source)
   order = np.arange(len(records))
   if cfg.shuffle_seed is not None:
     order = np.random.default_rng(cfg.shuffle_seed).permutation(len(records))
   examples, truncated, kept = [], 0, 0
-  specials = cfg.add_special_tokens and cfg.template != 'chat'
   for i in order:
     try:
-      text, start = render(
-          records[i], cfg.template, text_field=cfg.text_field,
-          prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-          qa_format=cfg.qa_format, tokenizer=tokenizer)
+      ids, resp, _, _ = encode_record(records[i], tokenizer, cfg)
     except TemplateError as e:
       raise DataError(f'{source}: record {i}: {e}') from e
-    enc = tokenizer(text, add_special_tokens=specials,
-                    return_offsets_mapping=True)
-    ids = list(enc['input_ids'])
-    resp = [int(e > start and e > s) for s, e in enc['offset_mapping']]
     if cfg.add_eos and tokenizer.eos_token_id is not None:
       ids.append(tokenizer.eos_token_id)
       resp.append(1)
@@ -437,37 +476,28 @@ def generation_items(records: Sequence[dict[str, Any]], tokenizer: Any,
                      cfg: DataConfig, answers_field: str = 'answers',
                      source: str = '') -> list[dict[str, Any]]:
   """Greedy-generation items: the rendered prompt (everything before the
-  response, e.g. the chat template's user turn and generation prompt) as
-  token ids, and the accepted answers (`answers_field` when a record has
-  that list, else its response field).
-
-  The prompt is tokenized alone, with the same special-token rule as
-  `tokenize_records`, so the model sees what transformers' `generate` on
-  the rendered prompt sees.
+  response, e.g. the chat template's user turn and generation prompt), its
+  token ids (`encode_record`'s, so the ids a probe or SFT row of the same
+  record starts with), and the accepted answers (`answers_field` when a
+  record has that non-empty list, else its response field).
   """
   source = source or cfg.path or '<records>'
   if cfg.template == 'text':
     raise DataError(f'{source}: template text has no prompt to generate '
                     'from (use qa or chat for exact_match abilities)')
   check_fields(records, cfg, source)
-  specials = cfg.add_special_tokens and cfg.template != 'chat'
   items = []
   for i, rec in enumerate(records):
     try:
-      text, start = render(
-          rec, cfg.template, text_field=cfg.text_field,
-          prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-          qa_format=cfg.qa_format, tokenizer=tokenizer)
+      ids, _, plen, prompt = encode_record(rec, tokenizer, cfg)
     except TemplateError as e:
       raise DataError(f'{source}: record {i}: {e}') from e
-    prompt = text[:start]
     answers = rec.get(answers_field)
     if not isinstance(answers, (list, tuple)) or not answers:
       answers = [rec[cfg.response_field]]
-    ids = list(tokenizer(prompt, add_special_tokens=specials)['input_ids'])
-    if not ids:
+    if not plen:
       raise DataError(f'{source}: record {i}: the rendered prompt is empty')
-    items.append({'prompt': prompt, 'prompt_ids': ids,
+    items.append({'prompt': prompt, 'prompt_ids': ids[:plen],
                   'answers': [str(a) for a in answers]})
   return items
 

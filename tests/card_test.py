@@ -4,6 +4,7 @@ import os
 import tempfile
 
 from absl.testing import absltest
+import huggingface_hub
 import jax
 import numpy as np
 import torch
@@ -37,11 +38,17 @@ class ModelCardTest(absltest.TestCase):
     self.assertIn('| lr | 2e-05 |', text)
     self.assertIn('| result | 0.400 |', text)
     self.assertIn('probe.jsonl', text)
+    with_ci = card.format_table({'target': {'math': {'em': (0.1, 0.05, 0.2)}}})
+    self.assertIn('| target | 0.100 [0.050, 0.200] |', with_ci)
     out = os.path.join(tempfile.mkdtemp(), 'export')
     moved = jax.tree.map(lambda x: np.asarray(x) * 1.01, params)
-    card.export_hf(moved, cfg, out, card=text, tokenizer_dir=src)
-    with open(os.path.join(out, 'README.md')) as f:
-      self.assertEqual(f.read(), text)
+    hub = card.hub_card(text, base_models=['org/base', '/ckpt/lang'])
+    card.export_hf(moved, cfg, out, card=str(hub), tokenizer_dir=src)
+    loaded = huggingface_hub.ModelCard.load(os.path.join(out, 'README.md'))
+    self.assertEqual(loaded.data.base_model, ['org/base', '/ckpt/lang'])
+    self.assertEqual(loaded.data.tags, ['act-jax', 'merge'])
+    self.assertEqual(loaded.data.library_name, 'transformers')
+    self.assertEqual(loaded.text.strip(), text.strip())
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = testutil.random_tokens(2, 7, cfg.vocab_size, seed=4)
     with torch.no_grad():

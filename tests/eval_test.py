@@ -129,6 +129,35 @@ class EvaluateTest(absltest.TestCase):
     self.assertTrue(ok('x\n#### 7\n', ['7'], 'hash'))
     self.assertTrue(ok('Answer: (C)', ['c'], 'regex', r'\(([A-D])\)'))
     self.assertFalse(ok('nothing', ['7'], 'last_number'))
+    # contains over a span (the first N reply tokens): every line of it.
+    self.assertTrue(eval_metrics.answer_correct(
+        'No idea\nParis', ['Paris'], 'contains', span='No idea\nParis')[1])
+    with self.assertRaisesRegex(ValueError, 'only searched by'):
+      eval_metrics.answer_correct('7', ['7'], 'exact', span='7')
+
+  def test_contains_tokens_searches_the_first_n_reply_tokens(self):
+    tok = testutil.make_tokenizer()
+    ids = tok('ab')['input_ids']
+    reply = eval_metrics.generation(
+        self.params, self.cfg, tok, [{'prompt_ids': ids, 'answers': ['x']}],
+        max_new_tokens=8, mesh=self.mesh)['items'][0]['generation']
+    words = [w for w in ''.join(c if c.isalnum() else ' ' for c in
+                                reply).split()]
+    self.assertNotEmpty(words, reply)
+    last = words[-1]  # char tokenizer: N tokens = N characters
+    n_last = reply.rindex(last) + len(last)
+    item = [{'prompt_ids': ids, 'answers': [last], 'prompt': 'ab'}]
+    got = {n: eval_metrics.generation(
+        self.params, self.cfg, tok, item, match='contains',
+        contains_tokens=n, max_new_tokens=8, mesh=self.mesh)['items'][0]
+           for n in (n_last, n_last - 1)}
+    self.assertEqual(got[n_last]['extracted'], reply[:n_last])
+    self.assertTrue(got[n_last]['correct'])
+    self.assertFalse(got[n_last - 1]['correct'])
+    self.assertEqual(got[n_last]['answers'], [last])
+    with self.assertRaisesRegex(ValueError, 'contains_tokens'):
+      eval_metrics.generation(self.params, self.cfg, tok, item,
+                              match='exact', contains_tokens=2)
 
   def test_metrics_items_and_table(self):
     tok = testutil.make_tokenizer()

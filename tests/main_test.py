@@ -17,7 +17,7 @@ from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('build_models', 'convert', 'collect', 'localize', 'transfer',
-          'finetune', 'evaluate', 'report')
+          'finetune', 'evaluate', 'report', 'export')
 
 
 def _cmd(workdir, *extra):
@@ -89,6 +89,17 @@ class MainTest(absltest.TestCase):
     self.assertTrue(os.path.isfile(os.path.join(self.workdir, 'report.md')))
     self.assertTrue(os.path.isfile(os.path.join(self.workdir, 'report',
                                                 'concentration.png')))
+    # Every result is exported as an HF directory with HF-named masks (a
+    # merge: one file per specialist too).
+    for job in ('recover', 'merge'):
+      for result in ('act', 'act_ft'):
+        out = os.path.join(self.workdir, 'export', job, result)
+        for f in ('config.json', 'model.safetensors', 'README.md',
+                  'channel_masks.json'):
+          self.assertTrue(os.path.isfile(os.path.join(out, f)), (out, f))
+    self.assertTrue(os.path.isfile(os.path.join(
+        self.workdir, 'export', 'merge', 'act',
+        'channel_masks.spec_reverse.json')))
     # The toy checkpoints are real HF directories.
     base = os.path.join(self.workdir, 'build_models', 'base')
     for f in ('config.json', 'model.safetensors', 'tokenizer.json'):

@@ -80,6 +80,30 @@ class MasksTest(absltest.TestCase):
     with self.assertRaisesRegex(masks.MaskError, '--unit'):
       masks.couple(m, CFG, 'block')
 
+  def test_hf_tensor_masks_agree_with_the_param_tree_masks(self):
+    m = masks.couple(self.m, CFG, 'neuron')  # adds down_proj.in rows
+    got = masks.hf_tensor_masks(m, CFG)
+    self.assertEqual(got['model.layers.1.mlp.up_proj.weight'],
+                     {'rows': [2, 7]})
+    self.assertEqual(got['model.layers.1.mlp.up_proj.bias'], {'rows': [2, 7]})
+    self.assertEqual(got['model.layers.1.mlp.down_proj.weight'],
+                     {'cols': [2, 7]})
+    self.assertNotIn('model.layers.0.mlp.up_proj.weight', got)
+    self.assertNotIn('model.layers.0.self_attn.q_proj.bias', got)  # none
+    # Entry for entry, the same selection as the (transposed) leaf masks.
+    tree = masks.leaf_masks(m, forward.abstract_params(CFG), full=True)
+    for layer in range(CFG.num_layers):
+      for mod in ('mlp.up_proj', 'mlp.down_proj', 'self_attn.q_proj'):
+        leaf = tree['layers']
+        for k in mod.split('.'):
+          leaf = leaf[k]
+        want = np.asarray(leaf['kernel'][layer]).T  # HF [d_out, d_in]
+        sel = got.get(f'model.layers.{layer}.{mod}.weight', {})
+        hf = np.zeros_like(want)
+        hf[sel.get('rows', []), :] = True
+        hf[:, sel.get('cols', [])] = True
+        np.testing.assert_array_equal(hf, want, err_msg=f'{layer} {mod}')
+
   def test_leaf_masks_full_and_compact_agree(self):
     m = dict(self.m)
     m['mlp.down_proj'] = np.zeros((2, 16), bool)

@@ -129,5 +129,139 @@ class PreflightTest(absltest.TestCase):
       run_lib.run_pipeline(c, os.path.join(self.tmp, 'w'))
 
 
+def _set(c, key, value):
+  """`c.a.b.c = value` for the dotted `key`."""
+  *path, last = key.split('.')
+  for p in path:
+    c = c[p]
+  c[last] = value
+
+
+class UserConfigTest(absltest.TestCase):
+  """Each bad setting of a user's own run fails in pre-flight with one line
+  naming the field (and the allowed values), before any heavy work."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = tempfile.mkdtemp()
+    self.qa = os.path.join(self.tmp, 'qa.jsonl')
+    self.text = os.path.join(self.tmp, 'text.jsonl')
+    with open(self.qa, 'w') as f:
+      f.write('{"prompt": "2+2?", "answer": "4"}\n')
+    with open(self.text, 'w') as f:
+      f.write('{"text": "Some English."}\n')
+
+  def _config(self):
+    c = _config(os.path.join(REPO, 'configs', 'recover.py'))
+    c.models.source, c.models.target = '/ckpt/src', '/ckpt/tgt'
+    for f in ('probe', 'eval', 'sft'):
+      c.abilities.ability[f] = self.qa
+    c.abilities.retain.eval = self.text  # evaluated only: no probe, no SFT
+    return c
+
+  def _plan(self, c=None):
+    return jobs.plan_from_config(c or self._config(), self.tmp)
+
+  def _fails(self, pattern, key=None, value=None, what=preflight.check_plan):
+    c = self._config()
+    if key:
+      _set(c, key, value)
+    with self.assertRaisesRegex(preflight.PreflightError, pattern) as e:
+      what(self._plan(c))
+    self.assertNotIn('\n', str(e.exception))
+    return str(e.exception)
+
+  def test_an_eval_only_ability_needs_only_its_eval_file(self):
+    plan = self._plan()
+    preflight.check_plan(plan)
+    preflight.check_data(plan)
+    self.assertEqual(plan.jobs[0].abilities, ('ability', 'retain'))
+
+  def test_unknown_choices_name_the_field_and_the_allowed_values(self):
+    for key, value, pattern in (
+        ('abilities.ability.metric', 'accuracy',
+         r'abilities\.ability\.metric=.accuracy.: expected one of '
+         r'perplexity, exact_match'),
+        ('abilities.retain.template', 'markdown',
+         r'abilities\.retain\.template=.markdown.: expected one of text, '
+         r'qa, chat'),
+        ('abilities.ability.match', 'fuzzy',
+         r'abilities\.ability\.match=.fuzzy.: expected one of exact, '
+         r'contains, regex, last_number, hash'),
+        # A perplexity ability's match is checked too: never ignored.
+        ('abilities.retain.match', 'fuzzy', r'abilities\.retain\.match'),
+        ('abilities.ability.overflow', 'wrap',
+         r'abilities\.ability\.overflow=.wrap.: expected one of truncate, '
+         'chunk, error'),
+        ('localize.score', 'weight_diff',
+         r'localize\.score=.weight_diff.: expected one of mean_abs_diff'),
+        ('localize.select', 'top_k',
+         r'localize\.select=.top_k.: expected one of per_site, global, '
+         'threshold, mass'),
+        ('localize.select', 'threshold',
+         r'localize\.threshold=0\.0: select=threshold needs a score '
+         'threshold > 0'),
+        ('export.dtype', 'int8', r'export\.dtype=.int8.: expected one of'),
+        ('abilities.ability.pattern', '(',
+         r'abilities\.ability\.pattern=.\(.: not a regular expression'),
+        ('abilities.ability.contains_tokens', 8,
+         r'abilities\.ability\.contains_tokens=8: a token window is '
+         'searched only by match=contains')):
+      with self.subTest(key=key, value=value):
+        self._fails(pattern, key, value)
+
+  def test_mass_selection_fails_on_a_bad_share(self):
+    c = self._config()
+    c.localize.select, c.localize.mass = 'mass', 1.5
+    with self.assertRaisesRegex(preflight.PreflightError, 'localize.mass'):
+      preflight.check_plan(self._plan(c))
+
+  def test_missing_field_in_the_first_record_of_every_data_file(self):
+    csv = os.path.join(self.tmp, 'qa.csv')
+    with open(csv, 'w') as f:
+      f.write('question,answer\n2+2?,4\n')
+    for use in ('probe', 'eval', 'sft'):
+      for path in (self.text, csv):
+        with self.subTest(use=use, path=path):
+          msg = self._fails(
+              f"abilities.ability.{use}\\): the first record has no field "
+              "'prompt'", f'abilities.ability.{use}', path,
+              preflight.check_data)
+          self.assertStartsWith(msg, path)
+    self._fails(r"abilities.retain.eval\): the first record has no field "
+                "'text'", 'abilities.retain.eval', self.qa,
+                preflight.check_data)
+    self._fails('abilities.ability.sft: no such file', 'abilities.ability.sft',
+                os.path.join(self.tmp, 'nope.jsonl'), preflight.check_data)
+
+  def test_a_saved_dataset_directory_is_a_data_source(self):
+    import datasets  # pylint: disable=g-import-not-at-top
+    saved = os.path.join(self.tmp, 'saved')
+    datasets.Dataset.from_list([{'prompt': '1+1?', 'answer': '2'}]
+                               ).save_to_disk(saved)
+    c = self._config()
+    c.abilities.ability.eval = saved
+    preflight.check_data(self._plan(c))
+    c.abilities.retain.eval = saved  # no 'text' field
+    with self.assertRaisesRegex(preflight.PreflightError, "no field 'text'"):
+      preflight.check_data(self._plan(c))
+
+  def test_chat_template_needs_a_tokenizer_with_one(self):
+    a, b = os.path.join(self.tmp, 'a'), os.path.join(self.tmp, 'b')
+    testutil.make_tiny_hf(a, seed=0)
+    testutil.make_tiny_hf(b, seed=1)
+    c = self._config()
+    c.models.source, c.models.target = a, b
+    c.abilities.ability.template = 'chat'
+    with self.assertRaisesRegex(preflight.PreflightError,
+                                'abilities.ability.template=chat: the '
+                                'tokenizer of target .* has no chat '
+                                'template'):
+      preflight.check_models(self._plan(c))
+    for d in (a, b):
+      testutil.make_tokenizer(d, chat=True)
+    preflight.check_models(self._plan(c))
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -151,7 +151,7 @@ class PipelineTest(absltest.TestCase):
       records = run_lib.run_pipeline(c, work)
       self.assertEqual(set(records), {
           'build_models', 'convert', 'collect', 'localize', 'transfer',
-          'finetune', 'evaluate', 'report'})
+          'finetune', 'evaluate', 'report', 'export'})
       with open(os.path.join(work, 'evaluate', 'recover.json')) as f:
         self.assertEqual(json.load(f)['results'], rows)
       # A fresh workdir reuses the cached specialist.

@@ -1,4 +1,4 @@
-"""Merging baselines on param pytrees (ACT_METHOD.md "Baselines").
+"""Merging baselines on param pytrees (docs/method.md, "Baselines").
 
 All functions take and return plain param trees (the same API as
 `transfer.transplant`) and run jitted per leaf on device:

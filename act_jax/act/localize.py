@@ -1,6 +1,6 @@
 """Localization: statistics -> per-channel scores -> channel masks.
 
-The only implementation of ACT_METHOD steps 3 and 4 (docs/method.md).
+The only implementation of steps 3 and 4 of docs/method.md.
 
 Scores, for one (source, target) model pair, from the collected statistics
 (`io.stats` layout: per site `{'sum', 'sum_abs', 'sum_sq': [M, L, C],

@@ -1,6 +1,6 @@
 """Channel masks: compact `{site: [L, C] bool}`, param trees, files, set ops.
 
-All mask logic lives here (ACT_METHOD steps 4-5, docs/method.md).
+All mask logic lives here (docs/method.md, steps 4-5).
 
 A channel mask says which (layer, channel) of each site is transferred.
 Transferable sites and what channel c of layer l means in the params:
@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from act_jax.io import atomic
+from act_jax.io import hf_names
 from act_jax.io import stats as stats_io
 from act_jax.model import capture
 
@@ -229,6 +230,40 @@ def leaf_masks(mask: Mask, params_like, include: Sequence[str] = (),
     if full:
       m = np.broadcast_to(m, shape).copy()
     _set(out, path, m)
+  return out
+
+
+def hf_tensor_masks(mask: Mask, cfg) -> dict[str, dict[str, list[int]]]:
+  """The mask keyed by HF tensor name, for PyTorch and mergekit users.
+
+  `{"model.layers.3.mlp.down_proj.weight": {"rows": [...], "cols": [...]},
+  "model.layers.3.self_attn.q_proj.bias": {"rows": [...]}, ...}`: the
+  selected entries of an HF weight `W[d_out, d_in]` are its listed rows
+  (output channels: `W[rows, :]`) and listed columns (input channels of
+  the `*.in` sites: `W[:, cols]`); of a bias, its listed entries. Tensors
+  with nothing selected are left out. Applying it (`W_t[rows] = W_s[rows]`,
+  `W_t[:, cols] = W_s[:, cols]`) is the transplant at alpha = 1.
+  """
+  check_sites(mask)
+  keys = hf_names.hf_key_table(cfg)
+  out: dict[str, dict[str, list[int]]] = {}
+  for site in sorted(mask):
+    module, side = _module_of(site)
+    m = np.asarray(mask[site], bool)
+    for layer in range(m.shape[0]):
+      sel = np.flatnonzero(m[layer]).tolist()
+      if not sel:
+        continue
+      name = f'model.layers.{layer}.{".".join(module)}'
+      if name + '.weight' not in keys:
+        raise MaskError(f'site {site}: the HF checkpoint has no tensor '
+                        f'{name}.weight')
+      # Our kernel columns (output channels) are HF weight rows.
+      axis = 'rows' if side == 'cols' else 'cols'
+      entry = out.setdefault(name + '.weight', {})
+      entry[axis] = sorted(set(entry.get(axis, [])) | set(sel))
+      if side == 'cols' and name + '.bias' in keys:
+        out[name + '.bias'] = {'rows': sel}
   return out
 
 

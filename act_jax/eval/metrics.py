@@ -11,14 +11,17 @@ difference between two models measured on the same items:
   mc_accuracy(...)  `{'acc', 'n'}` for items `{'prompt', 'choices',
                     'answer'}`: the choice of highest log-likelihood given
                     the prompt, summed (`norm='sum'`) or per token ('mean')
-  generation(...)   `{'acc', 'n', 'items': [{prompt, generation, extracted,
-                    correct}]}`: greedy generation (KV cache) from token-id
-                    prompts, each reply scored by `answer_correct`
+  generation(...)   `{'acc', 'n', 'items': [{prompt, answers, generation,
+                    extracted, correct}]}`: greedy generation (KV cache)
+                    from token-id prompts, each reply scored by
+                    `answer_correct`
 Answer matching (`match`), against every accepted answer of an item:
   exact        the normalized reply (case, whitespace, thousands commas,
                numerically equal numbers) equals an answer
   contains     an answer occurs as whole words in the reply's first
-               non-empty line (case- and punctuation-insensitive)
+               non-empty line, or (`contains_tokens` = N > 0) anywhere in
+               the text of its first N tokens (case- and
+               punctuation-insensitive)
   regex        `pattern`'s group 1 (else group 0) of the reply, normalized,
                equals an answer
   last_number  the last number in the reply equals an answer's number
@@ -251,9 +254,18 @@ def _gold(answer: str, match: str) -> str:
 
 
 def answer_correct(reply: str, answers: Sequence[str], match: str = 'exact',
-                   pattern: str = '') -> tuple[str | None, bool]:
-  """(extracted part of `reply`, whether it matches any accepted answer)."""
-  got = extract_answer(reply, match, pattern)
+                   pattern: str = '', span: str | None = None
+                  ) -> tuple[str | None, bool]:
+  """(extracted part of `reply`, whether it matches any accepted answer).
+
+  `span` (match=contains only): the part of the reply to search instead of
+  its first non-empty line (`generation` passes the text of the first N
+  reply tokens).
+  """
+  if span is not None and match != 'contains':
+    raise ValueError(f'a span is only searched by match=contains, not '
+                     f'{match!r}')
+  got = span if span is not None else extract_answer(reply, match, pattern)
   if got is None:
     return None, False
   if match == 'contains':
@@ -268,13 +280,16 @@ def answer_correct(reply: str, answers: Sequence[str], match: str = 'exact',
 
 def generation(params, cfg: ModelConfig, tokenizer, items, *,
                match: str = 'exact', pattern: str = '',
-               max_new_tokens: int = 32, batch_size: int = 8,
-               stop_ids: Sequence[int] = (), mesh=None) -> dict[str, Any]:
+               contains_tokens: int = 0, max_new_tokens: int = 32,
+               batch_size: int = 8, stop_ids: Sequence[int] = (),
+               mesh=None) -> dict[str, Any]:
   """Greedy replies to `items` scored by `answer_correct`.
 
   Args:
     items: `{'prompt_ids': [int], 'answers': [str], 'prompt': str}` per
       item (`prompt` is only logged).
+    contains_tokens: match=contains searches the text of the reply's first
+      N tokens instead of its first non-empty line (0 = the line).
     stop_ids: a reply ends at the first of these (default the tokenizer's
       EOS).
 
@@ -284,6 +299,9 @@ def generation(params, cfg: ModelConfig, tokenizer, items, *,
   """
   if not items:
     raise ValueError('generation: no items')
+  if contains_tokens < 0 or (contains_tokens and match != 'contains'):
+    raise ValueError(f'contains_tokens={contains_tokens}: a token window '
+                     'is only searched by match=contains')
   if mesh is not None:
     b = _batch_axes_size(mesh)
     batch_size = -(-batch_size // b) * b
@@ -297,8 +315,31 @@ def generation(params, cfg: ModelConfig, tokenizer, items, *,
   out = []
   for it, ids in zip(items, gen):
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    got, ok = answer_correct(text, it['answers'], match, pattern)
-    out.append({'prompt': it.get('prompt', ''), 'generation': text,
+    span = (tokenizer.decode(ids[:contains_tokens], skip_special_tokens=True)
+            if contains_tokens else None)
+    got, ok = answer_correct(text, it['answers'], match, pattern, span)
+    out.append({'prompt': it.get('prompt', ''),
+                'answers': list(it['answers']), 'generation': text,
                 'extracted': got, 'correct': bool(ok)})
   acc = float(np.mean([o['correct'] for o in out]))
   return {'acc': acc, 'n': len(out), 'items': out}
+
+
+# ----------------------------------------------------------------- samples
+
+
+def samples_file(candidate: str, ability: str) -> str:
+  """Where one model's per-item samples of one ability go, relative to its
+  job's evaluation folder: `samples/<candidate>/<ability>.jsonl`."""
+  return f'samples/{candidate}/{ability}.jsonl'
+
+
+def sample_rows(items) -> list[dict[str, Any]]:
+  """One JSON-able row per eval item, numbered (`doc_id`), as lm-eval's
+  `--log_samples` writes them: generation items as they are (prompt,
+  answers, generation, extracted, correct), perplexity items as
+  `{doc_id, nll, tokens}`."""
+  if isinstance(items, dict):
+    return [{'doc_id': i, 'nll': float(n), 'tokens': int(t)} for i, (n, t)
+            in enumerate(zip(items['nll'], items['tokens']))]
+  return [dict(doc_id=i, **it) for i, it in enumerate(items)]

@@ -1,18 +1,22 @@
 """Model card (README.md) for an ACT result, and its HF export.
 
-The card records what produced the model: source and target checkpoints,
-channel counts per site (and per layer), probe data, fine-tune data and
-hyperparameters, and the before/after metrics table (eval_metrics.format_table).
-`export_hf` writes the fine-tuned params with `hf.save_hf` (sharded
-safetensors + config.json + tokenizer files, atomically) and that card.
+`build_model_card` writes the provenance body: source and target
+checkpoints, channel counts per site (and per layer), probe data, fine-tune
+data and hyperparameters, and the before/after metrics table
+(`format_table`, values with their intervals when known). `hub_card` puts
+it under YAML front matter as a `huggingface_hub.ModelCard` (`base_model`,
+`tags`, `library_name`), so the Hub and `ModelCard.load` read it.
+`export_hf` writes params with `hf.save_hf` (sharded safetensors +
+config.json + tokenizer and generation files, atomically) and that card.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import huggingface_hub
 import jax
 import numpy as np
 
@@ -70,7 +74,8 @@ def build_model_card(*, name: str, cfg: ModelConfig,
     finetune_data: description of the fine-tune mixture (paths, weights,
       sizes; e.g. data.load_batches' info).
     train_cfg: the train sub-config (dataclass or ConfigDict).
-    results: `{model: {ability: {metric: value}}}` from evaluate_models.
+    results: `{model: {ability: {metric: value}}}`; a value may be
+      `(value, lo, hi)` (shown with its interval).
     notes: free text appended at the end.
   """
   out = [f'# {name}', '',
@@ -106,10 +111,30 @@ def build_model_card(*, name: str, cfg: ModelConfig,
   return '\n'.join(out)
 
 
+def hub_card(body: str, *, base_models: Sequence[str],
+             tags: Sequence[str] = ('act-jax', 'merge'),
+             license_: str | None = None) -> huggingface_hub.ModelCard:
+  """`body` under YAML front matter, as the Hub reads a README.md.
+
+  Args:
+    body: the Markdown card (`build_model_card`).
+    base_models: the checkpoints the result was made from (Hub ids or
+      paths; `base_model` in the metadata).
+    tags: Hub tags.
+    license_: the license id, when the base models' is known.
+  """
+  data = huggingface_hub.ModelCardData(
+      base_model=list(base_models), tags=list(tags),
+      library_name='transformers', pipeline_tag='text-generation',
+      license=license_)
+  return huggingface_hub.ModelCard(f'---\n{data.to_yaml()}\n---\n\n{body}')
+
+
 def export_hf(params, cfg: ModelConfig, out_dir: str, *, card: str,
               tokenizer_dir: str | None = None,
               hf_config: dict[str, Any] | None = None,
-              dtype: str | None = None, overwrite: bool = False) -> str:
+              dtype: str | None = None, max_shard_bytes: int = 2**30,
+              overwrite: bool = False) -> str:
   """Writes the params as an HF checkpoint with `card` as README.md.
 
   `dtype` (e.g. the source's 'bfloat16') casts every leaf first; the fp32
@@ -120,13 +145,14 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, card: str,
                           jax.device_get(params))
   hf.save_hf(params, cfg, out_dir, hf_config=hf_config,
              tokenizer_dir=tokenizer_dir, model_card=card,
-             overwrite=overwrite)
+             max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   return out_dir
 
 
 def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
                  digits: int = 3) -> str:
-  """Markdown: one row per model, one column per (ability, metric)."""
+  """Markdown: one row per model, one column per (ability, metric); a
+  `(value, lo, hi)` value is shown as `value [lo, hi]`."""
   cols = []
   for per_model in results.values():
     for ability, metrics in per_model.items():
@@ -139,6 +165,12 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
     vals = []
     for a, m in cols:
       v = per_model.get(a, {}).get(m)
-      vals.append('-' if v is None else f'{v:.{digits}f}')
+      if v is None:
+        vals.append('-')
+      elif isinstance(v, (list, tuple)):
+        vals.append(f'{v[0]:.{digits}f} [{v[1]:.{digits}f}, '
+                    f'{v[2]:.{digits}f}]')
+      else:
+        vals.append(f'{v:.{digits}f}')
     lines.append(f'| {name} | ' + ' | '.join(vals) + ' |')
   return '\n'.join(lines)

@@ -11,14 +11,21 @@ A model directory is a converted params dir (`model_config.json`, see
                           name before any weights are read
   check_same_shapes(...)  the first differing param leaf, by name
   load_related(paths)     check_related, then load every model
+  resolve_model(spec)     a local directory as is, or a Hub id (`org/name`,
+                          `org/name@revision`) fetched with
+                          `huggingface_hub.snapshot_download`: only
+                          safetensors, JSON and tokenizer files
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping, Sequence
 
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +38,54 @@ ARCH_IGNORED = ('dtype', 'param_dtype', 'max_position_embeddings')
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json')
 
 
+# What a Hub model needs here: weights as safetensors (+ index), config and
+# generation config, tokenizer files (and chat templates); never .bin/.pt.
+HUB_PATTERNS = ('*.safetensors', '*.json', 'tokenizer.model', '*.txt',
+                '*.jinja')
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$')
+
+
 class ModelDirError(ValueError):
   """A model directory that is missing, unreadable or not related."""
+
+
+def is_hub_id(spec: str) -> bool:
+  """Whether `spec` reads as a Hub model id (`org/name[@revision]`) rather
+  than a path (absolute, relative with ./ or ~, or an existing one)."""
+  return (not os.path.exists(spec) and not spec.startswith(('.', '~')) and
+          bool(_HUB_ID.match(spec)))
+
+
+def resolve_model(spec: str) -> str:
+  """The local model directory of `spec`.
+
+  A path is returned as it is (its checks come later, by name); a Hub id
+  `org/name` or `org/name@revision` is fetched with
+  `huggingface_hub.snapshot_download` limited to `HUB_PATTERNS` (so only
+  safetensors, JSON and tokenizer files), into huggingface_hub's cache; a
+  cached snapshot is reused, offline too (`HF_HUB_OFFLINE=1`).
+
+  Raises:
+    ModelDirError, one line saying what to download and where, when the id
+    is not cached and cannot be fetched (offline, unknown, gated).
+  """
+  if not is_hub_id(spec):
+    return spec
+  repo, _, revision = spec.partition('@')
+  try:
+    return huggingface_hub.snapshot_download(
+        repo, revision=revision or None, allow_patterns=list(HUB_PATTERNS))
+  except Exception as e:  # offline, unknown, gated, network: one message
+    why = ' '.join(str(e).split())[:200] or type(e).__name__
+    include = ' '.join(f"'{p}'" for p in HUB_PATTERNS)
+    raise ModelDirError(
+        f'{spec}: not a local directory, and the Hub model could not be '
+        f'fetched ({type(e).__name__}: {why}); download it where there is '
+        f'network with `hf download {repo}'
+        + (f' --revision {revision}' if revision else '') +
+        f' --include {include} --local-dir DIR` and pass DIR instead (or '
+        f'fill the cache {hub_constants.HF_HUB_CACHE})'
+    ) from None
 
 
 def load_config(path: str) -> ModelConfig:
@@ -78,6 +131,18 @@ def load_model(path: str, **kwargs) -> tuple[ModelConfig, Any]:
 def has_tokenizer(path: str) -> bool:
   """Whether `path` holds tokenizer files."""
   return any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES)
+
+
+def has_chat_template(path: str) -> bool:
+  """Whether the tokenizer files in `path` define a chat template."""
+  if any(os.path.isfile(os.path.join(path, n)) for n in
+         ('chat_template.jinja', 'chat_template.json')):
+    return True
+  cfg = os.path.join(path, 'tokenizer_config.json')
+  if not os.path.isfile(cfg):
+    return False
+  with open(cfg, encoding='utf-8') as f:
+    return bool(json.load(f).get('chat_template'))
 
 
 def load_tokenizer(path: str):

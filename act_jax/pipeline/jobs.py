@@ -133,6 +133,13 @@ class ReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """`export`: each result as an HF directory with a Hub model card."""
+  dtype: str = ''  # '' = the base checkpoint's; float32 | bfloat16 | float16
+  max_shard_bytes: int = 2**30  # start a new safetensors shard past this size
+
+
+@dataclasses.dataclass(frozen=True)
 class AbilityConfig:
   """One entry of `abilities`: its data files, rendering and metric."""
   probe: str = ''  # probe records for localization ('' = none)
@@ -148,9 +155,12 @@ class AbilityConfig:
   match: str = 'exact'  # exact_match scoring: exact | contains | regex |
   # last_number | hash (eval.metrics.MATCHES)
   pattern: str = ''  # match=regex: group 1 (else 0) is the answer
+  contains_tokens: int = 0  # match=contains: search the reply's first N
+  # tokens (0 = its first non-empty line)
   max_new_tokens: int = 32  # exact_match: greedy tokens per item
   probe_pack: bool = False  # pack probe records several to a row
-  overflow: str = 'truncate'  # records longer than T: truncate | chunk
+  overflow: str = 'truncate'  # records longer than T: truncate | chunk |
+  # error (SFT plain text always chunks)
 
 
 SECTIONS = {
@@ -158,7 +168,7 @@ SECTIONS = {
     'localize': LocalizeConfig, 'sweep': SweepConfig,
     'transfer': TransferConfig, 'baselines': BaselinesConfig,
     'train': finetune.TrainConfig, 'sft': SftConfig, 'evaluate': EvalConfig,
-    'report': ReportConfig,
+    'report': ReportConfig, 'export': ExportConfig,
 }
 TOP_FIELDS = {
     'mode': 'recover',  # comma list of recover | merge | analyze
@@ -226,6 +236,7 @@ class Plan:
   sft: SftConfig
   evaluate: EvalConfig
   report: ReportConfig
+  export: ExportConfig
 
   @property
   def model_names(self) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ matching). `check_models(plan)` reads only small files of each checkpoint
 tokenizer) and fails on a missing directory, an unreadable checkpoint, or
 models that do not share architecture and tokenizer. `check_data(plan)`
 checks that every data file exists and that its first record has the fields
-its ability reads. Unknown config keys are rejected by `jobs.
+its ability reads (any file type, `save_to_disk` directory or Hub data set
+name `data.load_records` reads). Unknown config keys are rejected by `jobs.
 plan_from_config` (and by `config_flags` when overridden).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from act_jax import data
 from act_jax.act import localize
@@ -72,6 +74,11 @@ def _sweep(plan: jobs_lib.Plan) -> None:
                          'sweep.extra_rhos empty')
   if loc.select == 'mass':
     _frac(loc.mass, 'localize.mass')
+  if loc.select == 'threshold' and not (math.isfinite(loc.threshold) and
+                                        loc.threshold > 0):
+    # Scores are >= 0: a threshold of 0 selects every channel (a full copy).
+    raise PreflightError(f'--config.localize.threshold={loc.threshold}: '
+                         'select=threshold needs a score threshold > 0')
   _frac(loc.top_frac, 'localize.top_frac')
   for r in rhos:
     _frac(r, 'sweep.rhos')
@@ -111,14 +118,26 @@ def _abilities(plan: jobs_lib.Plan) -> None:
       except data.TemplateError as e:
         raise PreflightError(f'--config.{f}.qa_format: {e}') from None
     _choice(a.metric, METRICS, f'{f}.metric')
+    _choice(a.match, eval_metrics.MATCHES, f'{f}.match')
+    _choice(a.overflow, data.OVERFLOWS, f'{f}.overflow')
+    if a.pattern:
+      try:
+        re.compile(a.pattern)
+      except re.error as e:
+        raise PreflightError(f'--config.{f}.pattern={a.pattern!r}: not a '
+                             f'regular expression ({e})') from None
     if a.metric == 'exact_match':
-      _choice(a.match, eval_metrics.MATCHES, f'{f}.match')
       _positive(a.max_new_tokens, f'{f}.max_new_tokens')
       if a.template == 'text':
         raise PreflightError(f'--config.{f}: metric exact_match needs a '
                              'prompt to generate from: template qa or chat')
       if a.match == 'regex' and not a.pattern:
         raise PreflightError(f'--config.{f}.pattern is empty (match=regex)')
+      if a.contains_tokens < 0 or (a.contains_tokens and
+                                   a.match != 'contains'):
+        raise PreflightError(
+            f'--config.{f}.contains_tokens={a.contains_tokens}: a token '
+            f'window is searched only by match=contains (match={a.match})')
     if name in probed and not a.probe:
       raise PreflightError(f'--config.{f}.probe is empty, but a job '
                            'localizes with it')
@@ -159,6 +178,9 @@ def check_plan(plan: jobs_lib.Plan) -> None:
   _choice(plan.sft.mix_by, ('records', 'tokens'), 'sft.mix_by')
   if min(plan.sft.ability_weight, plan.sft.retain_weight) < 0:
     raise PreflightError('--config.sft weights must be >= 0')
+  _choice(plan.export.dtype, ('', 'float32', 'bfloat16', 'float16'),
+          'export.dtype')
+  _positive(plan.export.max_shard_bytes, 'export.max_shard_bytes')
   ev = plan.evaluate
   for f in ('batch_size', 'gen_batch_size', 'max_seq_len'):
     _positive(getattr(ev, f), f'evaluate.{f}')
@@ -184,41 +206,67 @@ def check_plan(plan: jobs_lib.Plan) -> None:
 
 
 def check_models(plan: jobs_lib.Plan) -> None:
-  """All models exist, are readable, share architecture and tokenizer."""
+  """All models exist (a Hub id is fetched or found in the cache), are
+  readable, share architecture and tokenizer; a chat ability's tokenizer
+  has a chat template."""
   try:
-    models_io.check_related({n: plan.models[n] for n in plan.model_names})
+    dirs = {n: models_io.resolve_model(plan.models[n])
+            for n in plan.model_names}
+    models_io.check_related(dirs)
   except models_io.ModelDirError as e:
     raise PreflightError(str(e)) from None
+  chat = [n for n, a in plan.abilities.items() if a.template == 'chat']
+  for job in plan.jobs:
+    base = dirs.get(job.base)
+    if chat and base and not models_io.has_chat_template(base):
+      raise PreflightError(
+          f'--config.abilities.{chat[0]}.template=chat: the tokenizer of '
+          f'{job.base} ({plan.models[job.base]}) has no chat template '
+          '(chat_template.jinja or tokenizer_config.json chat_template); '
+          'use template qa')
 
 
-def _first_record(path: str) -> dict | None:
-  """The first record of a JSONL file (None for other formats)."""
-  if not path.endswith('.jsonl'):
-    return None
+def _first_record(path: str) -> dict:
+  """The first record of a JSONL file."""
   with open(path, encoding='utf-8') as f:
     for n, line in enumerate(f, start=1):
       if line.strip():
         try:
-          return json.loads(line)
+          rec = json.loads(line)
         except json.JSONDecodeError as e:
           raise PreflightError(f'{path}: line {n} is not JSON ({e.msg})'
                                ) from None
+        if not isinstance(rec, dict):
+          raise PreflightError(f'{path}: line {n} is not a JSON object')
+        return rec
   raise PreflightError(f'{path}: the data file is empty (no records)')
 
 
+def _first_of(path: str) -> dict:
+  """The first record of a data source: read directly from a JSONL file,
+  else through `data.load_records` (other file types, `save_to_disk`
+  directories, Hub data set names)."""
+  if os.path.isfile(path) and path.endswith('.jsonl'):
+    return _first_record(path)
+  try:
+    return data.load_records(path, limit=1)[0]
+  except data.DataError as e:
+    raise PreflightError(str(e)) from None
+
+
 def check_data(plan: jobs_lib.Plan) -> None:
-  """Every data file exists; its first record has the fields it needs."""
+  """Every data source exists; its first record has the fields it needs."""
   for name, a in plan.abilities.items():
     for use in ('probe', 'eval', 'sft'):
       path = getattr(a, use)
       if not path:
         continue
-      if not os.path.isfile(path):
+      if not os.path.exists(path) and (
+          path.startswith(('/', '.', '~')) or
+          os.path.splitext(path)[1].lower() in data.FILE_TYPES):
         raise PreflightError(f'config.abilities.{name}.{use}: no such file '
                              f'{path}')
-      rec = _first_record(path)
-      if rec is None:
-        continue
+      rec = _first_of(path)
       need = data.required_fields(a.template, a.text_field, a.prompt_field,
                                   a.response_field)
       missing = [f for f in need if f not in rec]

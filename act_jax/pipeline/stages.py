@@ -15,6 +15,9 @@
   evaluate      per job: every candidate of the sweep on every ability, with
                 per-item outcomes (one sub-artifact per candidate)
   report        report.md, plots, results.json from the artifacts alone
+  export        per job: each saved result (act, act_ft) as an HF directory
+                with a Hub model card and HF-named channel masks
+                (pipeline/export.py)
 Artifacts (every write is atomic; sub-artifacts make killed stages resume):
   convert/<model>/                        params dir
   collect/<ability>/{half0,half1,full}/   statistics (io.stats)
@@ -24,7 +27,13 @@ Artifacts (every write is atomic; sub-artifacts make killed stages resume):
   localize/analysis.json                  concentration, overlaps, stability
   transfer/<job>/act/, finetune/<job>/act_ft/  params dirs
   evaluate/<job>/<candidate>.json         metrics + per-item outcomes
+  evaluate/<job>/samples/<candidate>/<ability>.jsonl  one line per item
+                                          (prompt, answers, generation,
+                                          extracted, correct | nll, tokens)
   evaluate/<job>.json                     the job's table, in row order
+  export/<job>/{act,act_ft}/              HF dirs: safetensors, config,
+                                          tokenizer, README.md (ModelCard),
+                                          channel_masks.json
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from act_jax.io import stats as stats_io
 from act_jax.model import capture
 from act_jax.model import forward
 from act_jax.pipeline import candidates as cand_lib
+from act_jax.pipeline import export as export_lib
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.pipeline import report as report_lib
 from act_jax.pipeline import runner
@@ -72,6 +82,7 @@ CODE = {
     'transfer': ('act', 'pipeline/candidates.py') + _CORE,
     'finetune': ('act', 'train', 'pipeline/candidates.py') + _CORE,
     'evaluate': ('act', 'train', 'eval', 'pipeline/candidates.py') + _CORE,
+    'export': ('act', 'pipeline/candidates.py', 'pipeline/export.py') + _CORE,
 }
 
 
@@ -117,6 +128,17 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
   out.append(S('report', lambda ctx: report(plan, ctx),
                inputs=('localize',) if plan.modes == ('analyze',) else
                ('localize', 'evaluate')))
+  if plan.modes != ('analyze',):
+    out.append(S('export', lambda ctx: export_lib.export_results(
+        plan, ctx.workdir, ctx.out_dir, ctx.sub_done),
+                 inputs=('convert', 'localize', 'transfer', 'finetune',
+                         'evaluate', 'report'),
+                 snapshot=snap(plan.export, plan.models, plan.localize,
+                               plan.transfer, plan.train, plan.sft,
+                               plan.jobs, {'bootstrap': plan.report.bootstrap,
+                                           'confidence':
+                                               plan.report.confidence}),
+                 code=CODE['export']))
   logging.info('stages: %s', ', '.join(s.name for s in out))
   return out
 
@@ -142,7 +164,11 @@ def build_models(case: dict[str, Any], ctx: Ctx) -> dict:
 
 def convert(convert_cfg: jobs_lib.ConvertConfig, models: dict[str, str],
             ctx: Ctx) -> dict:
-  """Every needed model -> `convert/<model>/` params dir (resumable)."""
+  """Every needed model -> `convert/<model>/` params dir (resumable).
+
+  A model given as a Hub id (`org/name`) is read from its local snapshot
+  (`models_io.resolve_model`)."""
+  models = {n: models_io.resolve_model(p) for n, p in models.items()}
   models_io.check_related(models)
   for name, path in models.items():
     if ctx.sub_done(name):
@@ -168,10 +194,10 @@ def data_config(ability: jobs_lib.Ability, use: str, max_seq_len: int,
                ) -> data.DataConfig:
   """How `ability`'s records become rows for one use: probe | eval | sft.
 
-  One rendering per ability whatever the use. The response is the answer
-  (+ EOS for template qa; a chat template ends the turn itself); SFT plain
-  text is cut into chunks of T so no token is lost, other records longer
-  than T are truncated.
+  One rendering per ability whatever the use (`data.encode_record`). The
+  response is the answer (+ EOS for template qa; a chat template ends the
+  turn itself); SFT plain text is cut into chunks of T so no token is
+  lost, other records longer than T follow the ability's `overflow`.
   """
   return data.DataConfig(
       template=ability.template, text_field=ability.text_field,
@@ -181,7 +207,7 @@ def data_config(ability: jobs_lib.Ability, use: str, max_seq_len: int,
       pack=ability.probe_pack if use == 'probe' else False,
       loss_on=count_tokens if use == 'probe' else 'response',
       overflow=('chunk' if use == 'sft' and ability.template == 'text'
-                else 'truncate'),
+                else ability.overflow),
       add_eos=use != 'probe' and ability.template == 'qa')
 
 
@@ -488,10 +514,18 @@ def eval_sets(plan: jobs_lib.Plan, names, tokenizer) -> dict[str, dict]:
 
 
 def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
-                    stop_ids) -> dict[str, dict[str, Any]]:
-  """`{ability: {metric: value, 'items': per-item outcomes}}` of one model."""
+                    stop_ids, label: str = '',
+                    seconds: dict[str, float] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+  """`{ability: {metric: value, 'items': per-item outcomes}}` of one model.
+
+  Logs each ability's items, rate and the candidate's ETA (from `seconds`,
+  the last measured wall time per ability, which it updates).
+  """
   out = {}
-  for name, s in sets.items():
+  seconds = {} if seconds is None else seconds
+  for k, (name, s) in enumerate(sets.items(), start=1):
+    t0 = time.time()
     a = plan.abilities[name]
     if s['metric'] == 'perplexity':
       r = eval_metrics.perplexity(params, cfg, s['batches'])
@@ -500,9 +534,16 @@ def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
     else:
       r = eval_metrics.generation(
           params, cfg, tokenizer, s['items'], match=a.match,
-          pattern=a.pattern, max_new_tokens=a.max_new_tokens,
+          pattern=a.pattern, contains_tokens=a.contains_tokens,
+          max_new_tokens=a.max_new_tokens,
           batch_size=plan.evaluate.gen_batch_size, stop_ids=stop_ids)
       out[name] = {'exact_match': r['acc'], 'items': r['items']}
+    seconds[name] = dt = time.time() - t0
+    n = len(s['items'] if 'items' in s else out[name]['items']['nll'])
+    left = sum(seconds.get(b, dt) for b in list(sets)[k:])
+    logging.info('evaluate %s: ability %d/%d %s: %d items in %.1fs (%.1f '
+                 'items/s; candidate ETA %.0fs)', label, k, len(sets), name,
+                 n, dt, n / max(dt, 1e-9), left)
   return out
 
 
@@ -531,7 +572,7 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
     primary = {cand_lib.primary(plan, False).name: ('transfer', 'act'),
                cand_lib.primary(plan, True).name: ('finetune', 'act_ft')}
     sft = None
-    t0, done = time.time(), 0
+    t0, done, seconds = time.time(), 0, {}
     for n, cand in enumerate(cands, start=1):
       sub = os.path.join(job.name, cand.file)
       if ctx.sub_done(sub):
@@ -560,10 +601,17 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
       info['params_moved'] = _moved(b, cand)
       info['num_params'] = forward.count_params(params)
       te = time.time()
-      info['metrics'] = evaluate_params(params, cfg, sets, tok, plan,
-                                        stop_ids)
+      info['metrics'] = evaluate_params(
+          params, cfg, sets, tok, plan, stop_ids, seconds=seconds,
+          label=f'{job.name} {n}/{len(cands)} {cand.name}')
       info['eval_s'] = round(time.time() - te, 2)
       info['wall_s'] = round(time.time() - t1, 2)
+      # Per-item samples (lm-eval --log_samples style) before the metrics
+      # file, whose presence marks the candidate done.
+      for a, m in info['metrics'].items():
+        data.write_jsonl(ctx.sub_dir(os.path.join(
+            job.name, eval_metrics.samples_file(cand.name, a))),
+                         eval_metrics.sample_rows(m['items']))
       atomic.write_json(ctx.sub_dir(sub), info)
       atomic.remove_tree(ctx.sub_dir(os.path.join(job.name,
                                                   cand.name + '.work')))

@@ -53,7 +53,7 @@ class ToyConfig:
   mixture: str = 'arithmetic:0.45,lang_b:0.25,lang_a:0.1,reverse:0.2'  # a:w
   specialists: str = 'spec_lang_a:lang_a,spec_reverse:reverse'  # name:ability
   spec_steps: int = 200  # continued-training steps per specialist
-  spec_lr: float = 3e-4  # gentle continuation (ACT_METHOD: lr 3e-4)
+  spec_lr: float = 3e-4  # gentle continuation (docs/method.md: lr 3e-4)
   num_probe: int = 256  # probe records per ability
   num_eval: int = 256  # eval records per ability
   num_sft: int = 1024  # SFT records per ability
@@ -192,7 +192,7 @@ def _train(params, cfg, toy_cfg, weights, steps, lr, seed, name):
 
 def _save(params, cfg, out, tok_dir):
   hf.save_hf(jax.device_get(params), cfg, out, tokenizer_dir=tok_dir,
-             model_card='A toy act-jax model (see act_jax/toy).\n')
+             model_card='A toy act-jax model (see act_jax/cases/toy).\n')
 
 
 def build(case_cfg: dict, out_dir: str) -> dict:
