@@ -65,6 +65,10 @@ def config(case_cfg: dict) -> ToyConfig:
   return jobs.section(ToyConfig, case_cfg, 'case')
 
 
+# Disjoint seed offsets per split, so probe/eval/sft/train never coincide.
+_SPLIT_SEED = {'probe': 101, 'eval': 202, 'sft': 303, 'train': 404}
+
+
 def parse_weights(spec: str) -> dict[str, float]:
   """'a:0.5,b:0.5' -> {'a': 0.5, 'b': 0.5}; errors name the bad entry."""
   out = {}
