@@ -562,7 +562,7 @@ class PipelineTest(absltest.TestCase):
         f.write('one')
     self.calls = []
 
-  def stages(self, fail_once=False):
+  def stages(self, fail_once=False, paths=True):
     def copy(ctx):
       self.calls.append('a')
       with open(self.data) as f:
@@ -580,9 +580,10 @@ class PipelineTest(absltest.TestCase):
         text += f.read()
       atomic.write_text(ctx.sub_dir('upper.txt'), text.upper())
 
-    return [runner.Stage('a', copy, snapshot={'x': 1}, paths=(self.data,)),
+    kw = lambda p: {'paths': (p,)} if paths else {}
+    return [runner.Stage('a', copy, snapshot={'x': 1}, **kw(self.data)),
             runner.Stage('b', upper, inputs=('a',), snapshot={'y': 1},
-                         paths=(self.extra,))]
+                         **kw(self.extra))]
 
   def read(self, stage, name):
     with open(os.path.join(self.work, stage, name)) as f:
@@ -593,13 +594,15 @@ class PipelineTest(absltest.TestCase):
     with open(os.path.join(self.work, 'notes.txt'), 'w') as f:
       f.write('mine')
     with self.assertRaisesRegex(RuntimeError, 'not an act-jax workdir'):
-      runner.run_stages(self.stages(), self.work)
+      runner.run_stages(self.stages(paths=False), self.work)
     os.remove(os.path.join(self.work, 'notes.txt'))
-    os.makedirs(os.path.join(self.work, 'a'))
+    runner.run_stages(self.stages(paths=False), self.work)
+    # A folder under a stage's name that no stage completed: someone's.
+    os.remove(os.path.join(self.work, 'a', 'COMPLETE.json'))
     with open(os.path.join(self.work, 'a', 'notes.txt'), 'w') as f:
       f.write('mine')
     with self.assertRaisesRegex(RuntimeError, 'no stage completed it'):
-      runner.run_stages(self.stages(), self.work)
+      runner.run_stages(self.stages(paths=False), self.work)
     self.assertTrue(os.path.isfile(os.path.join(self.work, 'a',
                                                 'notes.txt')))
 
@@ -644,15 +647,16 @@ class PipelineTest(absltest.TestCase):
 
   def test_a_second_run_on_the_workdir_fails_naming_the_first(self):
     os.makedirs(self.work)
-    holder = _holder('lock', os.path.join(self.work, runner.LOCK))
+    holder = _holder('lock', os.path.join(self.work, '.lock'))
     self.addCleanup(holder.kill)
     with self.assertRaisesRegex(RuntimeError, f'pid {holder.pid}'):
-      runner.run_stages(self.stages(), self.work)
+      runner.run_stages(self.stages(paths=False), self.work)
 
   def test_config_fields_overwrite_and_restart_are_booleans(self):
     c = ml_collections.ConfigDict(dict(jobs.default_config().to_dict(),
                                        overwrite='yes'))
-    with self.assertRaisesRegex(ValueError, 'overwrite'):
+    with self.assertRaisesRegex(ValueError,
+                                'overwrite=.yes.: expected true/false'):
       jobs.plan_from_config(c, self.work)
 
 
