@@ -38,7 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = (
     '--config.mode=recover', '--config.sweep.candidates=source,target',
     '--config.sweep.extra_rhos=', '--config.case.base_steps=4',
-    '--config.case.spec_steps=2', '--config.collect.batch_size=4',
+    '--config.case.spec_steps=2', '--config.case.num_probe=16',
+    '--config.case.num_eval=8', '--config.case.num_sft=16',
+    '--config.sft.num_records=16', '--config.collect.batch_size=4',
     '--config.collect.save_every=2', '--config.evaluate.num_eval=8',
     '--config.report.bootstrap=50')
 STAGES = ('build_models', 'convert', 'collect', 'localize', 'transfer',
@@ -48,7 +50,7 @@ KILLS = {
     'build_models': ('atomic.after_rename~partial/base',
                      'atomic.before_rename~spec_reverse'),
     'convert': ('atomic.after_rename~partial/base',
-                'atomic.before_rename~spec_reverse'),
+                'atomic.before_rename~spec_lang_a'),
     'collect': ('checkpoint.saved', 'atomic.before_rename~half1'),
     'localize': ('atomic.after_rename~arithmetic/act', 'stage.before_rename'),
     'transfer': ('atomic.before_rename~recover/act', 'stage.before_complete'),
