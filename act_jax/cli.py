@@ -2,7 +2,12 @@
 
 `run(main)` is `absl.app.run` with one rule: a bad flag, a missing input or
 any pre-flight error prints ONE line naming what to fix (`error: ...`) and
-exits with status 2, no traceback; unexpected errors keep their traceback.
+exits with status 2, no traceback; so does a write the file system refused
+(disk full, file too large, read-only), with the real cause on that line.
+Unexpected errors keep their traceback, followed by a last `error:` line,
+so the cause is never buried under shutdown noise.
+`define_output_flags()` defines the flags every writing CLI shares:
+`--overwrite`, `--follow_symlinks` (and `--restart` for a resumable one).
 `define_section_flags(cls)` defines one flag per field of a config section
 dataclass, named exactly as the config field and documented by the field's
 own trailing comment, so `--top_frac` of `act_jax.localize` is
@@ -14,8 +19,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
+import traceback
 import typing
 from typing import Any, Callable
 
@@ -26,7 +33,9 @@ from act_jax import data
 from act_jax.act import localize
 from act_jax.act import masks
 from act_jax.act import transfer
+from act_jax.io import atomic
 from act_jax.io import hf
+from act_jax.io import inputs
 from act_jax.io import models
 from act_jax.io import params
 from act_jax.io import stats
@@ -43,14 +52,27 @@ USER_ERRORS = (
     model_config.ConfigError, masks.MaskError, localize.ScoreError,
     localize.SelectError, localize.LocalizeError, transfer.TransferError,
     stats.StatsError, FileExistsError, FileNotFoundError,
+    atomic.LockedError, atomic.WriteError, inputs.UnsafeInputError,
+    inputs.InputChangedError,
 )
+
+
+def _one_line(message: Any) -> str:
+  return '; '.join(s.strip() for s in str(message).splitlines() if s.strip())
+
+
+def _exit(status: int) -> None:
+  """Exits now: flushed, without running exit handlers whose output (orbax
+  and JAX shutdown) would come after the error line."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def fail(message: str) -> None:
   """Prints `error: <message>` on one line to stderr and exits with 2."""
-  line = '; '.join(s.strip() for s in str(message).splitlines() if s.strip())
-  print(f'error: {line}', file=sys.stderr)
-  sys.exit(2)
+  print(f'error: {_one_line(message)}', file=sys.stderr)
+  _exit(2)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
@@ -67,9 +89,34 @@ def run(main: Callable[[list[str]], Any]) -> None:
       return main(argv)
     except USER_ERRORS as e:
       fail(f'{type(e).__name__}: {e}' if isinstance(
-          e, (FileExistsError, FileNotFoundError)) else str(e))
+          e, (FileExistsError, FileNotFoundError)) and not isinstance(
+              e, atomic.OutputError) else str(e))
+    except Exception as e:  # pylint: disable=broad-except
+      cause = atomic.write_failure(e)
+      if cause:
+        fail(f'a write failed: {cause}')
+      traceback.print_exc()
+      print(f'error: {type(e).__name__}: {_one_line(e)[:500]}',
+            file=sys.stderr)
+      _exit(1)
 
   app.run(wrapped, flags_parser=parse)
+
+
+def define_output_flags(restart: bool = False) -> None:
+  """`--overwrite`, `--follow_symlinks` and, for a resumable CLI,
+  `--restart`: the rules of outputs and inputs (io/atomic.py, io/inputs.py).
+  """
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing output, if it '
+                    'is an act-jax artifact of the same kind (never one of '
+                    'the inputs, nor a folder act-jax did not write).')
+  flags.DEFINE_bool('follow_symlinks', False, 'Read checkpoint files that are '
+                    'symlinks resolving outside their checkpoint dir (needed '
+                    "for the HF hub cache's snapshots/ -> blobs/ layout).")
+  if restart:
+    flags.DEFINE_bool('restart', False, 'Discard the interrupted run\'s '
+                      'checkpoint (OUT.ckpt) and start over, instead of '
+                      'resuming.')
 
 
 def field_help(cls) -> dict[str, str]:

@@ -10,6 +10,13 @@ writes model_config.json, hf_config.json, tokenizer files and an orbax
 `params/` checkpoint. --to_hf writes sharded safetensors, config.json (the
 source config.json's other fields kept), tokenizer files and a README.md.
 Outputs appear atomically: on any error no output directory is left behind.
+An existing output is an error unless --overwrite, and even then only an
+act-jax params dir / HF export of the same kind is replaced; the output is
+locked for the run and checked for room first. Checkpoint files that are
+symlinks resolving outside the checkpoint are refused unless
+--follow_symlinks (the HF hub cache's snapshots/ -> blobs/ layout needs it);
+an export drops `auto_map` (code references) from config.json and
+tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from absl import flags
 from absl import logging
 
 from act_jax import cli
+from act_jax.io import atomic
 from act_jax.io import hf
 from act_jax.io import models as models_io
 from act_jax.io import params as params_io
 from act_jax.model.config import ModelConfig
+from act_jax.pipeline import preflight
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory '
                               'or Hub id org/name (input), or output '
@@ -40,23 +49,32 @@ _PARAM_DTYPE = flags.DEFINE_enum(
 _MAX_SHARD_BYTES = flags.DEFINE_integer(
     'max_shard_bytes', 2**30, 'With --to_hf: largest safetensors shard, '
     'bytes.', lower_bound=1)
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing '
-                               'output directory.')
+cli.define_output_flags()
+_OVERWRITE = flags.FLAGS['overwrite']
+_FOLLOW = flags.FLAGS['follow_symlinks']
 
 
 def convert_hf_to_params(hf_dir: str, params_dir: str, *,
                          param_dtype: str | None = None,
-                         overwrite: bool = False) -> ModelConfig:
+                         overwrite: bool = False,
+                         follow_symlinks: bool = False) -> ModelConfig:
   """HF checkpoint dir -> params dir (all checks happen before writing)."""
-  if os.path.exists(params_dir) and not overwrite:
-    raise FileExistsError(f'{params_dir}: output already exists')
+  params_dir = atomic.check_output(params_dir, 'params', overwrite=overwrite,
+                                   inputs=[hf_dir], flag='--params_dir')
   start = time.time()
-  hf_config = hf.read_hf_config_dict(hf_dir)
-  cfg, params = hf.load_hf_params(hf_dir, param_dtype=param_dtype)
-  params_io.save_params_dir(
-      params_dir, params, cfg, tokenizer_dir=hf_dir, hf_config=hf_config,
-      meta={'source': os.path.abspath(hf_dir), 'format': 'hf'},
-      overwrite=overwrite)
+  hf_config = hf.read_hf_config_dict(hf_dir, follow_symlinks)
+  cfg = hf.load_hf_config(hf_dir, param_dtype=param_dtype or
+                          hf.checkpoint_dtype(hf_config),
+                          follow_symlinks=follow_symlinks)
+  preflight.check_output_space(params_dir, preflight.params_bytes(cfg),
+                               '--params_dir')
+  with atomic.output_lock(params_dir):
+    cfg, params = hf.load_hf_params(hf_dir, param_dtype=param_dtype,
+                                    follow_symlinks=follow_symlinks)
+    params_io.save_params_dir(
+        params_dir, params, cfg, tokenizer_dir=hf_dir, hf_config=hf_config,
+        meta={'source': os.path.abspath(hf_dir), 'format': 'hf'},
+        overwrite=overwrite, follow_symlinks=follow_symlinks)
   logging.info('converted %s -> %s in %.1f s', hf_dir, params_dir,
                time.time() - start)
   return cfg
@@ -65,16 +83,22 @@ def convert_hf_to_params(hf_dir: str, params_dir: str, *,
 def convert_params_to_hf(params_dir: str, hf_dir: str, *,
                          param_dtype: str | None = None,
                          max_shard_bytes: int = 2**30,
-                         overwrite: bool = False) -> ModelConfig:
+                         overwrite: bool = False,
+                         follow_symlinks: bool = False) -> ModelConfig:
   """Params dir -> HF checkpoint dir loadable by transformers."""
-  if os.path.exists(hf_dir) and not overwrite:
-    raise FileExistsError(f'{hf_dir}: output already exists')
+  hf_dir = atomic.check_output(hf_dir, 'hf', overwrite=overwrite,
+                               inputs=[params_dir], flag='--hf_dir')
   start = time.time()
-  cfg, params = params_io.load_params_dir(params_dir, param_dtype=param_dtype)
-  hf.save_hf(params, cfg, hf_dir,
-             hf_config=params_io.load_hf_config_dict(params_dir),
-             tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
-             overwrite=overwrite)
+  preflight.check_output_space(
+      hf_dir, preflight.params_bytes(params_io.load_model_config(params_dir),
+                                     param_dtype), '--hf_dir')
+  with atomic.output_lock(hf_dir):
+    cfg, params = params_io.load_params_dir(
+        params_dir, param_dtype=param_dtype, follow_symlinks=follow_symlinks)
+    hf.save_hf(params, cfg, hf_dir,
+               hf_config=params_io.load_hf_config_dict(params_dir),
+               tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
+               overwrite=overwrite, follow_symlinks=follow_symlinks)
   logging.info('converted %s -> %s in %.1f s', params_dir, hf_dir,
                time.time() - start)
   return cfg
@@ -93,9 +117,12 @@ def _check_flags() -> tuple[str, str]:
     raise app.UsageError(f'--{src.name}={src.value}: not a directory')
   if os.path.abspath(where) == os.path.abspath(dst.value):
     raise app.UsageError(f'--{dst.name} must differ from --{src.name}')
-  if os.path.exists(dst.value) and not _OVERWRITE.value:
-    raise app.UsageError(f'--{dst.name}={dst.value} already exists (pass '
-                         '--overwrite to replace it)')
+  try:
+    atomic.check_output(dst.value, 'hf' if _TO_HF.value else 'params',
+                        overwrite=_OVERWRITE.value, inputs=[where],
+                        flag=f'--{dst.name}')
+  except atomic.OutputError as e:
+    raise app.UsageError(str(e)) from None
   return where, dst.value
 
 
@@ -106,10 +133,12 @@ def main(argv):
   if _TO_HF.value:
     convert_params_to_hf(src, dst, param_dtype=_PARAM_DTYPE.value,
                          max_shard_bytes=_MAX_SHARD_BYTES.value,
-                         overwrite=_OVERWRITE.value)
+                         overwrite=_OVERWRITE.value,
+                         follow_symlinks=_FOLLOW.value)
   else:
     convert_hf_to_params(src, dst, param_dtype=_PARAM_DTYPE.value,
-                         overwrite=_OVERWRITE.value)
+                         overwrite=_OVERWRITE.value,
+                         follow_symlinks=_FOLLOW.value)
 
 
 def console():

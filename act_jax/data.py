@@ -33,6 +33,7 @@ import os
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from absl import logging
+import jinja2
 import numpy as np
 
 from act_jax.io import atomic
@@ -103,9 +104,20 @@ def render(record: dict[str, Any], template: str, *, text_field: str = 'text',
                           'template (tokenizer_config.json chat_template)')
     user = [{'role': 'user', 'content': prompt}]
     full = user + [{'role': 'assistant', 'content': response}]
-    head = tokenizer.apply_chat_template(user, tokenize=False,
-                                         add_generation_prompt=True)
-    text = tokenizer.apply_chat_template(full, tokenize=False)
+    # transformers renders in jinja2's ImmutableSandboxedEnvironment; a
+    # template that fails there (syntax, undefined names, unsafe access) is
+    # the checkpoint's fault: one line naming its file.
+    try:
+      head = tokenizer.apply_chat_template(user, tokenize=False,
+                                           add_generation_prompt=True)
+      text = tokenizer.apply_chat_template(full, tokenize=False)
+    except jinja2.TemplateError as e:
+      where = getattr(tokenizer, 'name_or_path', '') or '<tokenizer>'
+      jinja = os.path.join(where, 'chat_template.jinja')
+      where = jinja if os.path.isfile(jinja) else os.path.join(
+          where, 'tokenizer_config.json')
+      raise TemplateError(f'chat template of {where} fails to render: '
+                          f'{type(e).__name__}: {e}') from None
     if not text.startswith(head):
       raise TemplateError('chat template: the prompt-only rendering is not a '
                           'prefix of the full conversation; cannot locate '
@@ -159,6 +171,14 @@ def load_records(path: str, split: str = 'train',
   Raises:
     DataError naming `path` when it cannot be read or has no records.
   """
+  # JSON files are read as written, without importing `datasets` (seconds).
+  records = None
+  if os.path.isfile(path) and path.lower().endswith('.jsonl'):
+    records = read_jsonl(path)
+  elif os.path.isfile(path) and path.lower().endswith('.json'):
+    records = _json_records(path)
+  if records is not None:
+    return records[:limit] if limit else records
   import datasets  # pylint: disable=g-import-not-at-top  (slow import)
   try:
     if os.path.isdir(path):
@@ -168,9 +188,6 @@ def load_records(path: str, split: str = 'train',
           raise DataError(f'{path}: no split {split!r}; splits: '
                           f'{sorted(ds)}')
         ds = ds[split]
-    elif os.path.isfile(path) and path.lower().endswith('.jsonl'):
-      records = read_jsonl(path)
-      return records[:limit] if limit else records
     elif os.path.isfile(path):
       ext = os.path.splitext(path)[1].lower()
       if ext not in _EXT_BUILDERS:
@@ -222,6 +239,32 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return out
 
 
+def _json_records(path: str) -> list[dict[str, Any]] | None:
+  """The records of a .json file holding a list of objects or JSON lines,
+  read as written; None for other layouts (left to `datasets`).
+
+  Raises:
+    DataError naming the file and line of the first bad record.
+  """
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    if text.lstrip().startswith('['):
+      raise DataError(f'{path}: line {e.lineno} is not JSON ({e.msg})'
+                      ) from None
+    return read_jsonl(path)  # JSON lines; names the bad line
+  if not isinstance(obj, list):
+    return None
+  for i, rec in enumerate(obj):
+    if not isinstance(rec, dict):
+      raise DataError(f'{path}: record {i} is not a JSON object')
+  if not obj:
+    raise DataError(f'{path}: the data file is empty (no records)')
+  return obj
+
+
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
   """Writes records as JSONL, atomically; returns `path`."""
   return atomic.write_text(path, ''.join(
@@ -253,9 +296,12 @@ def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
   for i, rec in enumerate(records):
     for f in fields:
       if f not in rec or rec[f] is None:
+        # Readers that unify a schema (datasets' json / parquet) give a
+        # record the fields of the others, as None: those it lacks.
+        have = sorted(k for k, v in rec.items() if v is not None)
         raise DataError(
             f'{source}: record {i} has no field {f!r} (needed by template '
-            f'{cfg.template!r}); available fields: {sorted(rec)}')
+            f'{cfg.template!r}); that record has the fields {have}')
 
 
 def encode_record(record: dict[str, Any], tokenizer: Any, cfg: DataConfig

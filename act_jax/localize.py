@@ -13,6 +13,10 @@ Output directory (atomic):
                                          disentanglement, act-vs-weight)
   *.png                                  heatmap, curves, overlap bars
   baselines/{weight_diff,random}/        same-budget masks (--baselines)
+An existing --out is an error unless --overwrite, and even then only an
+act-jax localize output is replaced, never one of the inputs (--stats,
+--compare_stats, --other_masks, the models of --baselines); the output is
+locked for the run and its folder checked for room first.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from act_jax.io import models as models_io
 from act_jax.io import stats as stats_io
 from act_jax.pipeline import jobs
 from act_jax.pipeline import plots as plots_lib
+from act_jax.pipeline import preflight
 
 ANALYSIS_FILE = 'analysis.json'
 
@@ -58,16 +63,19 @@ def define_flags() -> None:
                     'Jaccard overlap against random (disentanglement).')
   flags.DEFINE_bool('plots', True, 'Write PNG plots.')
   cli.define_section_flags(jobs.LocalizeConfig)
+  cli.define_output_flags()
 
 
 def write_localized(out_dir: str, result: localize_lib.Localized,
                     baseline_masks: Mapping[str, masks_lib.Mask] | None = None,
                     analyses: Mapping[str, Any] | None = None,
-                    plots: bool = True) -> str:
-  """Writes the output directory (see module doc) atomically."""
+                    plots: bool = True, overwrite: bool = False) -> str:
+  """Writes the output directory (see module doc) atomically; an existing
+  one is replaced only with `overwrite` and only if it is a localize
+  output."""
   analyses = dict(analyses or {})
   analyses.setdefault('concentration', analysis.concentration(result.scores))
-  with atomic.atomic_dir(out_dir, overwrite=True) as tmp:
+  with atomic.atomic_dir(out_dir, overwrite, kind='localize') as tmp:
     masks_lib.write_mask_files(tmp, result.mask, result.meta, result.scores)
     with open(os.path.join(tmp, ANALYSIS_FILE), 'w') as f:
       json.dump(analyses, f, indent=1, sort_keys=True)
@@ -103,7 +111,21 @@ def run_cli(fl) -> str:
         f'--site_overrides is not JSON: {e}') from e
   if fl.select in ('per_site', 'global'):
     localize_lib.check_frac(fl.top_frac, '--top_frac')
+  preflight.check_ranges('localize', {
+      k: getattr(fl, k) for k in ('top_frac', 'threshold', 'mass')},
+                         prefix='--')
   stats = stats_io.load_stats(fl.stats)
+  out = atomic.check_output(
+      fl.out, 'localize', overwrite=fl.overwrite,
+      inputs=[fl.stats, fl.compare_stats, *fl.other_masks,
+              *stats.model_paths])
+  preflight.check_output_space(out, 0, '--out')
+  with atomic.output_lock(out):
+    return _localize(fl, stats, overrides, out)
+
+
+def _localize(fl, stats, overrides, out) -> str:
+  """Localizes, analyses, writes; under the output's lock."""
   kw = dict(score=fl.score, select=fl.select, top_frac=fl.top_frac,
             threshold=fl.threshold, mass=fl.mass, overrides=overrides,
             sites=fl.sites, unit=fl.unit, seed=fl.seed)
@@ -113,7 +135,8 @@ def run_cli(fl) -> str:
     for role in ('source', 'target'):
       i = localize_lib.resolve_model(stats, getattr(fl, role), f'--{role}')
       path = stats.model_paths[i]
-      cfg, params[role] = models_io.load_model(path)
+      cfg, params[role] = models_io.load_model(
+          path, follow_symlinks=fl.follow_symlinks)
       diff = {k for k, v in cfg.to_dict().items()
               if k not in models_io.ARCH_IGNORED and want.get(k) != v}
       if diff:
@@ -144,7 +167,8 @@ def run_cli(fl) -> str:
       sets[os.path.basename(os.path.normpath(d))] = masks_lib.load_masks(d)[0]
     analyses['disentanglement'] = analysis.disentanglement(sets)
   conc = analyses['concentration'] = analysis.concentration(result.scores)
-  out = write_localized(fl.out, result, base_masks, analyses, fl.plots)
+  out = write_localized(out, result, base_masks, analyses, fl.plots,
+                        overwrite=fl.overwrite)
   logging.info('wrote %s: %d channels (%.2f%%); median fraction for 80%% '
                'mass %.3f', out, masks_lib.count(result.mask),
                100 * masks_lib.summarize(result.mask)['fraction'],

@@ -10,14 +10,18 @@ meta). Models load with `io.models.load_model` (converted params dir or HF
 dir). A thin shell over `act.transfer` (what the pipeline's transfer stage
 runs); `--alpha` and `--policy` are the config's `transfer.*` fields.
 
-Checks before loading weights: every mask dir's model_config matches the
-target's architecture, its sites are known, and (unless
---allow_other_models) the stats' source/target paths recorded in the mask
-are the checkpoints given.
+Checks before loading weights: --alpha is a finite number in [0, 1]; the
+outputs do not exist (or, with --overwrite, are act-jax's own params / HF
+exports, never an input such as --target); they can be written and have
+room; every mask dir's model_config matches the target's architecture, its
+sites are known, and (unless --allow_other_models) the stats' source/target
+paths recorded in the mask are the checkpoints given. The outputs are locked
+for the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -30,8 +34,10 @@ from act_jax.act import transfer
 from act_jax.io import hf
 from act_jax.io import models as models_io
 from act_jax.io import params as params_io
+from act_jax.io import atomic
 from act_jax.model.config import ModelConfig
 from act_jax.pipeline import jobs
+from act_jax.pipeline import preflight
 
 
 def define_flags() -> None:
@@ -52,7 +58,7 @@ def define_flags() -> None:
                 '(--policy=priority).')
   f.DEFINE_bool('allow_other_models', False, 'Skip the check that the masks '
                 'were localized on these very checkpoints.')
-  f.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
+  cli.define_output_flags()
   cli.define_section_flags(jobs.TransferConfig)
 
 
@@ -93,19 +99,35 @@ def run_cli(fl) -> str:
   if len(mask_dirs) != len(sources):
     raise transfer.TransferError(f'--masks has {len(mask_dirs)} dirs for '
                                  f'{len(sources)} --source dirs')
-  for out in (fl.out, fl.hf_out):
-    if out and os.path.exists(out) and not fl.overwrite:
-      raise transfer.TransferError(f'{out} exists (pass --overwrite)')
+  preflight.check_ranges('transfer', {'alpha': fl.alpha}, prefix='--')
+  ins = [fl.target, *sources, *mask_dirs]
+  outs = {'--out': atomic.check_output(fl.out, 'params',
+                                       overwrite=fl.overwrite, inputs=ins)}
+  if fl.hf_out:
+    outs['--hf_out'] = atomic.check_output(
+        fl.hf_out, 'hf', overwrite=fl.overwrite, inputs=ins, flag='--hf_out')
+  cfg = models_io.load_config(fl.target, fl.follow_symlinks)
+  for flag, out in outs.items():
+    preflight.check_output_space(out, preflight.params_bytes(cfg), flag)
+  with contextlib.ExitStack() as locks:
+    for out in outs.values():
+      locks.enter_context(atomic.output_lock(out))
+    return _transfer(fl, sources, mask_dirs)
+
+
+def _transfer(fl, sources, mask_dirs) -> str:
+  """Loads, transplants or merges, writes; under the outputs' locks."""
+  follow = fl.follow_symlinks
   loaded = [masks_lib.load_masks(d) for d in mask_dirs]
   # Architecture and provenance checks before any weights are read.
-  cfg = models_io.load_config(fl.target)
+  cfg = models_io.load_config(fl.target, follow)
   for (_, meta), d, s in zip(loaded, mask_dirs, sources):
     check_mask_meta(meta, d, cfg, s, fl.target, not fl.allow_other_models)
   chan_masks = [masks_lib.couple(m, cfg, fl.unit) for m, _ in loaded]
-  cfg, target = models_io.load_model(fl.target)
+  cfg, target = models_io.load_model(fl.target, follow_symlinks=follow)
   src_params = []
   for s in sources:
-    scfg, p = models_io.load_model(s)
+    scfg, p = models_io.load_model(s, follow_symlinks=follow)
     if _arch(scfg.to_dict()) != _arch(cfg.to_dict()):
       raise transfer.TransferError(f'--source={s} has a different '
                                    f'architecture than --target={fl.target}')
@@ -135,14 +157,16 @@ def run_cli(fl) -> str:
                  len(sources), report['num_conflicts'], fl.policy)
   tok = fl.target if models_io.has_tokenizer(fl.target) else None
   params_io.save_params_dir(fl.out, params, cfg, tokenizer_dir=tok,
-                            meta=meta_out, overwrite=fl.overwrite)
+                            meta=meta_out, overwrite=fl.overwrite,
+                            follow_symlinks=follow)
   if fl.hf_out:
     if os.path.isfile(os.path.join(fl.target, 'config.json')):
-      hf_cfg = hf.read_hf_config_dict(fl.target)
+      hf_cfg = hf.read_hf_config_dict(fl.target, follow)
     else:
       hf_cfg = params_io.load_hf_config_dict(fl.target)
     hf.save_hf(params, cfg, fl.hf_out, hf_config=hf_cfg,
-               tokenizer_dir=tok, overwrite=fl.overwrite)
+               tokenizer_dir=tok, overwrite=fl.overwrite,
+               follow_symlinks=follow)
   return fl.out
 
 

@@ -67,7 +67,8 @@ class CollectMultiprocessTest(absltest.TestCase):
                 probe_pack=False, overflow='truncate',
                 mesh_shape=['-1', '1', '1'], models_axis=None,
                 models_per_pass=0, dtype='', save_every=0, throttle_s=0.0,
-                shuffle_seed=None)
+                shuffle_seed=None, overwrite=False, restart=False,
+                follow_symlinks=False)
     base.update(args)
     return base
 

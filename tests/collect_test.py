@@ -192,7 +192,8 @@ class CollectTest(absltest.TestCase):
                 probe_pack=False, overflow='truncate', count_tokens='all',
                 sites=','.join(SITES), mesh_shape=['-1', '1', '1'],
                 models_axis=None, models_per_pass=0, dtype='', save_every=0,
-                throttle_s=0.0, shuffle_seed=None)
+                throttle_s=0.0, shuffle_seed=None, overwrite=False,
+                restart=False, follow_symlinks=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -204,7 +205,7 @@ class CollectTest(absltest.TestCase):
 
   def test_error_missing_field(self):
     with self.assertRaisesRegex(data.DataError,
-                                "probe.jsonl.*'prompt'.*available.*text"):
+                                "probe.jsonl.*'prompt'.*has the fields.*text"):
       collect_cli.run_cli(self._flags(template='qa', prompt_field='prompt'))
 
   def test_error_overflow(self):

@@ -211,12 +211,16 @@ class BadInputTest(parameterized.TestCase):
     hf_dir = self.copy(sharded=True)
     shards = sorted(set(self.index(hf_dir)[1]['weight_map'].values()))
     self.assertGreater(len(shards), 1)
-    # HF hub cache layout: shards are symlinks into a blobs dir; accepted.
+    # HF hub cache layout: shards are symlinks into a blobs dir; accepted
+    # with follow_symlinks only (a link out of a checkpoint may be anything).
     os.makedirs(f'{self.work}/blobs')
     os.rename(f'{hf_dir}/{shards[0]}', f'{self.work}/blobs/x')
     os.symlink(f'{self.work}/blobs/x', f'{hf_dir}/{shards[0]}')
     params_dir = f'{self.work}/params'
-    cfg = convert.convert_hf_to_params(hf_dir, params_dir)
+    with self.assertRaisesRegex(ValueError, 'is a symlink to .*blobs/x'):
+      convert.convert_hf_to_params(hf_dir, params_dir)
+    cfg = convert.convert_hf_to_params(hf_dir, params_dir,
+                                       follow_symlinks=True)
     self.assertEqual(cfg.model_type, 'llama')
     self.assertTrue(os.path.isdir(f'{params_dir}/params'))
 

@@ -70,7 +70,8 @@ def _flags(**kw):
   base = dict(score='mean_abs_diff', select='per_site', top_frac=0.05,
               threshold=0.0, mass=0.8, site_overrides='', sites=None,
               unit='channel', seed=0, baselines=False, compare_stats=None,
-              other_masks=[], plots=False, source='1', target='0')
+              other_masks=[], plots=False, source='1', target='0',
+              overwrite=False, follow_symlinks=False)
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -78,7 +79,7 @@ def _flags(**kw):
 def _tflags(**kw):
   base = dict(hf_out=None, policy='average', alpha=1.0, include=[],
               unit='channel', priority=None, allow_other_models=False,
-              overwrite=False)
+              overwrite=False, follow_symlinks=False)
   base.update(kw)
   return types.SimpleNamespace(**base)
 

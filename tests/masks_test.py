@@ -28,7 +28,9 @@ class MasksTest(absltest.TestCase):
   def test_save_load_roundtrip_and_json_layout(self):
     d = os.path.join(tempfile.mkdtemp(), 'mask')
     masks.save_masks(d, self.m, {'score': 'mean_abs_diff'})
-    masks.save_masks(d, self.m, {'score': 'x'})  # overwrite is atomic
+    with self.assertRaisesRegex(FileExistsError, 'already exists'):
+      masks.save_masks(d, self.m, {'score': 'x'})
+    masks.save_masks(d, self.m, {'score': 'x'}, overwrite=True)  # atomic
     self.assertEqual(sorted(os.listdir(os.path.dirname(d))), ['mask'])
     with open(os.path.join(d, 'channels.json')) as f:
       ch = json.load(f)

@@ -139,7 +139,7 @@ class ParamsDirTest(parameterized.TestCase):
         pass
     with atomic.atomic_dir(path, overwrite=True) as tmp:
       open(f'{tmp}/b', 'w').close()
-    self.assertEqual(os.listdir(path), ['b'])
+    self.assertEqual(sorted(os.listdir(path)), [atomic.MARKER, 'b'])
     self.assertEqual(os.listdir(self.root), ['out'])
 
   def test_generic_pytree(self):
@@ -176,7 +176,9 @@ class CliTest(absltest.TestCase):
              (argv + [f'--params_dir={hf_dir}'], 'must differ'),
              (argv + ['--to_hf', f'--params_dir={self.root}/x'],
               'not a directory'),
-             (argv + [f'--params_dir={self.root}'], 'already exists'))
+             (argv + [f'--params_dir={self.root}'], 'contains an input'),
+             (argv + [f'--params_dir={self.root}/other'], 'already exists'))
+    os.makedirs(f'{self.root}/other')
     for args, message in cases:
       flags.FLAGS.unparse_flags()
       flags.FLAGS(args)

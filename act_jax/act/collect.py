@@ -7,10 +7,12 @@ float32 accumulators that stay on device, replicated (they are small; only
 statistics are ever gathered, never weights). The batch is sharded over
 ('data', 'fsdp') by the 'batch' rule, weights per `forward.logical_axes`
 with a leading 'models' axis. Every `save_every` batches the accumulators
-and the batch position are saved with orbax; a rerun resumes from the last
-save and ends with the same totals. Under jax.distributed every process
-feeds its own contiguous slice of batches into global arrays, so the sums
-are global. When K models do not fit at once, `models_per_pass=2` runs every
+and the batch position are saved with orbax, with a fingerprint of the run
+and the content fingerprints of its inputs (models, probe file); a rerun
+resumes from the last save and ends with the same totals, or, when an input
+changed since, fails naming it (`inputs.InputChangedError`). Under
+jax.distributed every process feeds its own contiguous slice of batches into
+global arrays, so the sums are global. When K models do not fit at once, `models_per_pass=2` runs every
 pair separately and combines them (K(K-1)/2 passes).
 The CLI (`python -m act_jax.collect`) and the pipeline's collect stage both
 call `collect_stats`.
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from act_jax.io import atomic
+from act_jax.io import inputs as inputs_lib
 from act_jax.model import capture as capture_lib
 from act_jax.model import forward
 from act_jax.model import sharding
@@ -100,9 +104,11 @@ def _place(x, sharding_) -> jax.Array:
 class _Checkpointer:
   """Orbax CheckpointManager for (accumulators, batch position)."""
 
-  def __init__(self, ckpt_dir: str, fingerprint: str):
+  def __init__(self, ckpt_dir: str, fingerprint: str,
+               inputs: dict[str, Any]):
     self._ocp = ocp
     self.fingerprint = fingerprint
+    self.inputs = inputs
     self.mgr = ocp.CheckpointManager(
         os.path.abspath(ckpt_dir),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -115,11 +121,17 @@ class _Checkpointer:
     got = self.mgr.restore(step, args=ocp.args.Composite(
         acc=ocp.args.StandardRestore(abstract_acc),
         meta=ocp.args.JsonRestore()))
+    where = self.mgr.directory
+    changed = inputs_lib.first_change(got['meta'].get('inputs', {}),
+                                      self.inputs)
+    if changed:
+      raise inputs_lib.InputChangedError(
+          f'{changed} changed since the interrupted run (checkpoint '
+          f'{where}); {inputs_lib.RESTART_HINT}')
     if got['meta']['fingerprint'] != self.fingerprint:
-      raise ValueError(
-          f'{self.mgr.directory}: checkpoint belongs to a different run '
-          '(models, probe, shapes or sites differ); remove it or choose '
-          'another output directory')
+      raise inputs_lib.InputChangedError(
+          f'{where}: the checkpoint belongs to a different run (models, '
+          f'probe, shapes or sites differ); {inputs_lib.RESTART_HINT}')
     return int(got['meta']['batch']), got['acc']
 
   def save(self, batch: int, acc) -> None:
@@ -127,7 +139,9 @@ class _Checkpointer:
     self.mgr.save(batch, args=ocp.args.Composite(
         acc=ocp.args.StandardSave(acc),
         meta=ocp.args.JsonSave({'batch': batch,
-                                'fingerprint': self.fingerprint})))
+                                'fingerprint': self.fingerprint,
+                                'inputs': self.inputs})))
+    atomic.failpoint('checkpoint.saved')
 
   def close(self) -> None:
     self.mgr.wait_until_finished()
@@ -177,7 +191,7 @@ def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
 
 
 def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
-              num_batches, fingerprint, throttle_s, log_every_s):
+              num_batches, fingerprint, throttle_s, log_every_s, inputs):
   """One pass over the local batches for one stack of models."""
   num_models = jax.tree.leaves(stacked)[0].shape[0]
   it = iter(batches)
@@ -189,10 +203,12 @@ def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
   step_fn, zeros, param_sh, batch_sh, acc_sh, shapes = _compiled(
       cfg, spec, mesh, tuple(rules), num_models, global_shape)
   stacked = jax.tree.map(_place, stacked, param_sh)
+  inputs = json.loads(json.dumps(dict(inputs or {}), sort_keys=True,
+                                 default=str))
   fp = _fingerprint(cfg, spec, num_models, global_shape, num_batches,
-                    fingerprint)
+                    [fingerprint, inputs])
 
-  ckpt = _Checkpointer(ckpt_dir, fp) if ckpt_dir else None
+  ckpt = _Checkpointer(ckpt_dir, fp, inputs) if ckpt_dir else None
   start, acc = 0, None
   if ckpt is not None:
     abstract = jax.tree.map(
@@ -251,6 +267,7 @@ def collect_stats(params: Sequence[Any] | Any,
                   num_batches: int | None = None,
                   models_per_pass: int = 0,
                   fingerprint: Any = None,
+                  inputs: dict[str, Any] | None = None,
                   throttle_s: float = 0.0,
                   log_every_s: float = 30.0) -> dict[str, np.ndarray]:
   """Accumulates activation statistics of related models over `batches`.
@@ -271,6 +288,10 @@ def collect_stats(params: Sequence[Any] | Any,
     models_per_pass: 0 = all K at once; 2 = every pair in its own pass,
       combined (for K models that do not fit together).
     fingerprint: anything JSON-able identifying the run (checked on resume).
+    inputs: `{path: content fingerprint}` of the files the run reads
+      (`io.models.model_fingerprint`, `io.inputs.data_fingerprint`); a
+      resume from a checkpoint whose inputs differ raises InputChangedError
+      naming the first changed file.
     throttle_s: sleep after each batch (tests; sharing a busy machine).
     log_every_s: progress log interval.
 
@@ -295,7 +316,7 @@ def collect_stats(params: Sequence[Any] | Any,
       0].shape[0]
   kw = dict(mesh=mesh, rules=rules, save_every=save_every,
             num_batches=num_batches, throttle_s=throttle_s,
-            log_every_s=log_every_s)
+            log_every_s=log_every_s, inputs=inputs)
   if not models_per_pass or models_per_pass >= k:
     if stacked is None:
       stacked = forward.stack_params(models)

@@ -327,11 +327,15 @@ def mask_files(mask: Mask, meta: Mapping[str, Any] | None = None
 
 def save_masks(out_dir: str, mask: Mask,
                meta: Mapping[str, Any] | None = None,
-               scores: Mapping[str, np.ndarray] | None = None) -> str:
-  """Writes a mask directory atomically (with its scores, if given)."""
+               scores: Mapping[str, np.ndarray] | None = None,
+               overwrite: bool = False) -> str:
+  """Writes a mask directory atomically (with its scores, if given); an
+  existing one is replaced only with `overwrite` and only if it is an
+  act-jax mask directory."""
   check_sites(mask)
   out_dir = os.path.abspath(out_dir)
-  with atomic.atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
+  with atomic.atomic_dir(out_dir, overwrite, collective=False,
+                         kind='masks') as tmp:
     write_mask_files(tmp, mask, meta, scores)
   return out_dir
 

@@ -2,7 +2,9 @@
 
 Reading (`load_hf_params`) is strict and streaming:
   1. Validate before reading any tensor data: config.json, the shard index
-     (every file it names must exist inside the checkpoint dir), every
+     (every file it names must exist inside the checkpoint dir, and no file
+     may be a symlink resolving outside it unless `follow_symlinks`, which
+     the HF hub cache's snapshots -> blobs layout needs), every
      safetensors header (corrupt/truncated files are named), and the full
      key set and every shape against `hf_names` (missing, unexpected and
      mis-shaped tensors are named with their file).
@@ -40,6 +42,7 @@ from safetensors.numpy import save_file
 
 from act_jax.io import atomic
 from act_jax.io import hf_names
+from act_jax.io import inputs
 from act_jax.io import params as params_io
 from act_jax.model import config as config_lib
 from act_jax.model import forward
@@ -58,16 +61,20 @@ class ConversionError(ValueError):
   """A checkpoint that cannot be converted; the message names file and key."""
 
 
-def read_hf_config_dict(hf_dir: str) -> dict[str, Any]:
+def read_hf_config_dict(hf_dir: str,
+                        follow_symlinks: bool = False) -> dict[str, Any]:
   """The parsed `hf_dir/config.json`.
 
   Raises:
-    ConversionError naming the file when it is missing or not JSON.
+    ConversionError naming the file when it is missing or not JSON;
+    UnsafeInputError when it is a symlink out of `hf_dir` (and not
+    `follow_symlinks`).
   """
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(path):
     raise ConversionError(f'{path}: missing config.json (is {hf_dir} an HF '
                           'checkpoint directory?)')
+  inputs.resolve_inside(hf_dir, 'config.json', follow_symlinks)
   try:
     with open(path) as f:
       d = json.load(f)
@@ -85,23 +92,25 @@ def checkpoint_dtype(hf_config: dict[str, Any]) -> str:
 
 
 def load_hf_config(hf_dir: str, dtype: str = 'float32',
-                   param_dtype: str = 'float32') -> ModelConfig:
+                   param_dtype: str = 'float32',
+                   follow_symlinks: bool = False) -> ModelConfig:
   """ModelConfig from `hf_dir/config.json`.
 
   Raises:
     ConversionError when config.json is missing or not JSON; ConfigError
     naming the file and the field it cannot honour.
   """
-  hf = read_hf_config_dict(hf_dir)
+  hf = read_hf_config_dict(hf_dir, follow_symlinks)
   return from_hf_config(hf, source=os.path.join(hf_dir, 'config.json'),
                         dtype=dtype, param_dtype=param_dtype)
 
 
-def _inside(hf_dir: str, name: str, index: str) -> str:
+def _inside(hf_dir: str, name: str, index: str,
+            follow_symlinks: bool = False) -> str:
   """Path of `name` from the index, which must stay inside `hf_dir`.
 
-  The check is lexical (no `..` escape, no absolute path): files that are
-  symlinks, as in the HF hub cache's snapshot dirs, are still accepted.
+  Lexically (no `..` escape, no absolute path) and, unless
+  `follow_symlinks`, after resolving symlinks (`inputs.resolve_inside`).
   """
   if not isinstance(name, str) or not name or os.path.isabs(name):
     raise ConversionError(f'{index}: file {name!r} must be a relative path '
@@ -111,14 +120,19 @@ def _inside(hf_dir: str, name: str, index: str) -> str:
   if os.path.commonpath([root, path]) != root:
     raise ConversionError(f'{index}: file {name!r} resolves outside the '
                           f'checkpoint directory {hf_dir}')
+  inputs.resolve_inside(hf_dir, name, follow_symlinks,
+                        f'{path} (named in {index})')
   return path
 
 
-def checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
+def checkpoint_files(hf_dir: str, follow_symlinks: bool = False
+                    ) -> tuple[list[str], dict[str, str] | None]:
   """The safetensors files of `hf_dir` and the index's `{key: file}` if any.
 
   Raises:
-    ConversionError naming the index entry or the missing file.
+    ConversionError naming the index entry or the missing file;
+    UnsafeInputError naming a file (index or shard) that is a symlink
+    resolving outside `hf_dir`, unless `follow_symlinks`.
   """
   index = os.path.join(hf_dir, INDEX_FILE)
   if not os.path.isfile(index):
@@ -126,7 +140,9 @@ def checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
     if not os.path.isfile(single):
       raise ConversionError(f'{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} '
                             '(only safetensors checkpoints are read)')
+    inputs.resolve_inside(hf_dir, SINGLE_FILE, follow_symlinks)
     return [single], None
+  inputs.resolve_inside(hf_dir, INDEX_FILE, follow_symlinks)
   try:
     with open(index) as f:
       weight_map = json.load(f).get('weight_map')
@@ -136,7 +152,7 @@ def checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
     raise ConversionError(f'{index}: missing or empty "weight_map"')
   key_file, files = {}, []
   for key, name in weight_map.items():
-    path = _inside(hf_dir, name, index)
+    path = _inside(hf_dir, name, index, follow_symlinks)
     if path not in files:
       if not os.path.isfile(path):
         raise ConversionError(f'{index}: shard {name!r} (holding {key!r}) '
@@ -238,7 +254,8 @@ def _place(host: np.ndarray, target: jax.sharding.Sharding | None):
 def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
                    mesh: jax.sharding.Mesh | None = None,
                    rules=sharding.DEFAULT_RULES,
-                   param_dtype: str | None = None
+                   param_dtype: str | None = None,
+                   follow_symlinks: bool = False
                    ) -> tuple[ModelConfig, dict[str, Any]]:
   """Reads an HF checkpoint dir into `(cfg, params)`, strictly, streaming.
 
@@ -250,6 +267,7 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
     rules: logical axis rules for `mesh`.
     param_dtype: dtype to store params in; default `cfg.param_dtype` when
       `cfg` is given, else the dtype config.json records (float32 if none).
+    follow_symlinks: accept files that are symlinks out of `hf_dir`.
 
   Raises:
     ConversionError naming the file (and key) at fault, before any tensor
@@ -259,11 +277,13 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
     raise ConversionError(f'param_dtype {param_dtype!r} is not one of '
                           f'{", ".join(_PARAM_DTYPES)}')
   if cfg is None:
-    dt = param_dtype or checkpoint_dtype(read_hf_config_dict(hf_dir))
-    cfg = load_hf_config(hf_dir, param_dtype=dt)
+    dt = param_dtype or checkpoint_dtype(read_hf_config_dict(
+        hf_dir, follow_symlinks))
+    cfg = load_hf_config(hf_dir, param_dtype=dt,
+                         follow_symlinks=follow_symlinks)
   elif param_dtype is not None:
     cfg = cfg.replace(param_dtype=param_dtype)
-  files, key_file = checkpoint_files(hf_dir)
+  files, key_file = checkpoint_files(hf_dir, follow_symlinks)
   headers = read_headers(files)
   where = os.path.join(hf_dir, INDEX_FILE if key_file else SINGLE_FILE)
   validate_checkpoint(cfg, headers, key_file, where)
@@ -379,7 +399,8 @@ def _model_card(cfg: ModelConfig, n_params: int, dtype: str) -> str:
 def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
             hf_config: dict[str, Any] | None = None,
             tokenizer_dir: str | None = None, model_card: str | None = None,
-            max_shard_bytes: int = 2**30, overwrite: bool = False) -> None:
+            max_shard_bytes: int = 2**30, overwrite: bool = False,
+            follow_symlinks: bool = False) -> None:
   """Writes `params` as an HF checkpoint directory, atomically.
 
   Args:
@@ -390,7 +411,9 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
     tokenizer_dir: copy tokenizer / generation config files from here.
     model_card: README.md text; default a short generated card.
     max_shard_bytes: start a new shard before exceeding this size.
-    overwrite: replace an existing `out_dir`.
+    overwrite: replace an existing `out_dir` (act-jax's own HF export).
+    follow_symlinks: copy tokenizer files that are symlinks out of
+      `tokenizer_dir` too.
 
   Raises:
     ConversionError / CheckpointError naming what does not match, before
@@ -406,7 +429,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
     config = config_lib.to_hf_config(cfg, hf_config, dtype)
   except config_lib.ConfigError as e:
     raise ConversionError(str(e)) from None
-  with atomic.atomic_dir(out_dir, overwrite) as tmp:
+  with atomic.atomic_dir(out_dir, overwrite, kind='hf') as tmp:
     names, key_file, total = _write_shards(params, cfg, tmp, max_shard_bytes)
     if len(names) > 1:
       with open(os.path.join(tmp, INDEX_FILE), 'w') as f:
@@ -414,7 +437,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
                    'weight_map': dict(sorted(key_file.items()))}, f, indent=2)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    params_io.copy_aux_files(tokenizer_dir, tmp)
+    params_io.copy_aux_files(tokenizer_dir, tmp, follow_symlinks)
     with open(os.path.join(tmp, 'README.md'), 'w') as f:
       f.write(model_card if model_card is not None else _model_card(
           cfg, forward.count_params(params), dtype))

@@ -15,6 +15,13 @@ A model directory is a converted params dir (`model_config.json`, see
                           `org/name@revision`) fetched with
                           `huggingface_hub.snapshot_download`: only
                           safetensors, JSON and tokenizer files
+  model_fingerprint(path) what the model's content is: every file act-jax
+                          reads from it (config, index, safetensors headers
+                          + tensor bytes, params files, tokenizer files),
+                          digested and cached beside the weights by size
+                          and mtime (`inputs.dir_fingerprint`)
+Files that are symlinks resolving outside their checkpoint are refused
+unless `follow_symlinks` (every function here takes it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.io import hf
+from act_jax.io import inputs
 from act_jax.io import params as params_io
 from act_jax.model.config import ModelConfig
 
@@ -88,7 +96,7 @@ def resolve_model(spec: str) -> str:
     ) from None
 
 
-def load_config(path: str) -> ModelConfig:
+def load_config(path: str, follow_symlinks: bool = False) -> ModelConfig:
   """The ModelConfig of a model directory, without reading tensor data.
 
   Raises:
@@ -103,8 +111,8 @@ def load_config(path: str) -> ModelConfig:
       raise ModelDirError(f'{path}: neither a params dir '
                           f'({params_io.MODEL_CONFIG}) nor an HF checkpoint '
                           'dir (config.json)')
-    cfg = hf.load_hf_config(path)
-    files, key_file = hf.checkpoint_files(path)
+    cfg = hf.load_hf_config(path, follow_symlinks=follow_symlinks)
+    files, key_file = hf.checkpoint_files(path, follow_symlinks)
     hf.validate_checkpoint(cfg, hf.read_headers(files), key_file, path)
     return cfg
   except ModelDirError:
@@ -116,8 +124,8 @@ def load_config(path: str) -> ModelConfig:
 def load_model(path: str, **kwargs) -> tuple[ModelConfig, Any]:
   """`(cfg, params)` from a params dir or an HF checkpoint dir.
 
-  Keyword arguments (`mesh`, `rules`, `param_dtype`) go to
-  `params.load_params_dir` or `hf.load_hf_params`.
+  Keyword arguments (`mesh`, `rules`, `param_dtype`, `follow_symlinks`) go
+  to `params.load_params_dir` or `hf.load_hf_params`.
   """
   if os.path.isfile(os.path.join(path, params_io.MODEL_CONFIG)):
     return params_io.load_params_dir(path, **kwargs)
@@ -182,13 +190,15 @@ def arch_diff(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[Any, Any]]:
 
 
 def check_related(paths: Mapping[str, str] | Sequence[str],
-                  check_tokenizers: bool = True) -> dict[str, ModelConfig]:
+                  check_tokenizers: bool = True,
+                  follow_symlinks: bool = False) -> dict[str, ModelConfig]:
   """Every model is readable and shares architecture and tokenizer.
 
   Args:
     paths: `{name: dir}` (names appear in errors) or a list of dirs.
     check_tokenizers: also compare tokenizer files (a model without any is
       skipped).
+    follow_symlinks: accept files that are symlinks out of their model dir.
 
   Returns:
     `{name: ModelConfig}`.
@@ -200,7 +210,7 @@ def check_related(paths: Mapping[str, str] | Sequence[str],
     paths = {p: p for p in paths}
   if not paths:
     raise ModelDirError('no models given')
-  cfgs = {n: load_config(p) for n, p in paths.items()}
+  cfgs = {n: load_config(p, follow_symlinks) for n, p in paths.items()}
   names = list(paths)
   ref = names[0]
   for name in names[1:]:
@@ -249,9 +259,10 @@ def load_related(paths: Sequence[str], dtype: str | None = None,
   """Checks and loads K related models; casts params to `dtype` if given.
 
   Configs and tokenizers are compared before any weights are read; keyword
-  arguments (`mesh`, `rules`) go to `load_model`.
+  arguments (`mesh`, `rules`, `follow_symlinks`) go to `load_model`.
   """
-  check_related(list(paths))
+  check_related(list(paths),
+                follow_symlinks=kwargs.get('follow_symlinks', False))
   loaded = [load_model(p, **kwargs) for p in paths]
   params = [p for _, p in loaded]
   check_same_shapes(list(paths), params)
@@ -277,3 +288,51 @@ def generation_stop_ids(path: str, tokenizer) -> tuple[int, ...]:
   if tokenizer.eos_token_id is not None:
     ids.add(tokenizer.eos_token_id)
   return tuple(sorted(int(i) for i in ids))
+
+
+def model_files(path: str, follow_symlinks: bool = False) -> list[str]:
+  """The files act-jax reads from model dir `path`, relative to it.
+
+  Raises:
+    ModelDirError when `path` is no model directory; UnsafeInputError for a
+    file that is a symlink out of `path` (unless `follow_symlinks`).
+  """
+  aux = [n for n in params_io.AUX_FILES
+         if os.path.isfile(os.path.join(path, n))]
+  if os.path.isfile(os.path.join(path, params_io.MODEL_CONFIG)):
+    names = [params_io.MODEL_CONFIG] + inputs.tree_files(path,
+                                                         params_io.PARAMS)
+    if os.path.isfile(os.path.join(path, params_io.HF_CONFIG)):
+      names.append(params_io.HF_CONFIG)
+    return names + aux
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise ModelDirError(f'{path}: neither a params dir '
+                        f'({params_io.MODEL_CONFIG}) nor an HF checkpoint dir '
+                        '(config.json)')
+  files, key_file = hf.checkpoint_files(path, follow_symlinks)
+  names = ['config.json'] + [os.path.relpath(f, path) for f in files]
+  if key_file is not None:
+    names.append(hf.INDEX_FILE)
+  return names + aux
+
+
+def model_fingerprint(path: str, follow_symlinks: bool = False
+                      ) -> dict[str, Any]:
+  """`{'digest', 'files': {name: digest}}` of a model directory's content.
+
+  Safetensors files are digested as header + tensor bytes, streamed; the
+  digests are cached in `path/.act-jax-fingerprint.json` by each file's
+  size, mtime, ctime and inode (not where `path` is read-only), so an
+  unchanged model costs a few `stat` calls.
+  """
+  return inputs.dir_fingerprint(path, model_files(path, follow_symlinks),
+                                follow_symlinks)
+
+
+def tokenizer_files_fingerprint(path: str, follow_symlinks: bool = False
+                                ) -> dict[str, Any]:
+  """Fingerprint of the tokenizer files in `path` (a tokenizer dir that is
+  no model dir)."""
+  names = [n for n in params_io.AUX_FILES
+           if os.path.isfile(os.path.join(path, n))]
+  return inputs.dir_fingerprint(path, names, follow_symlinks)

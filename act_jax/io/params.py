@@ -7,8 +7,13 @@ A converted params dir looks like:
   tokenizer files     copied from the source so the dir is self-contained
   params/             an orbax StandardCheckpointer checkpoint of the tree
 Every output directory is written into a temporary sibling and renamed into
-place only when complete (`atomic.atomic_dir`): a failure leaves nothing
-behind.
+place only when complete (`atomic.atomic_dir`, marker kind 'params'): a
+failure leaves nothing behind.
+Files from a stranger's checkpoint are checked before they are read or
+copied: a tokenizer / chat-template file or a params file that is a symlink
+resolving outside its directory is refused unless `follow_symlinks`
+(`inputs.resolve_inside`), and a copied `tokenizer_config.json` loses its
+`auto_map` (a reference to code to run), as an exported config.json does.
 Restores check every leaf's shape and dtype against `forward.abstract_params`
 and name the first mismatch before any tensor data is read.
 """
@@ -27,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from act_jax import distributed
 from act_jax.io import atomic
+from act_jax.io import inputs
 from act_jax.model import forward
 from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
@@ -46,17 +52,40 @@ class CheckpointError(ValueError):
   """A params dir or pytree checkpoint that does not match what is expected."""
 
 
-def copy_aux_files(src_dir: str | None, dst_dir: str) -> list[str]:
-  """Copies tokenizer / generation files present in `src_dir`; returns them."""
+# Keys of tokenizer_config.json that make transformers import and run code
+# shipped with a checkpoint: never copied into an output.
+CODE_KEYS = ('auto_map',)
+
+
+def copy_aux_files(src_dir: str | None, dst_dir: str,
+                   follow_symlinks: bool = False) -> list[str]:
+  """Copies tokenizer / generation files present in `src_dir`; returns them.
+
+  `tokenizer_config.json` is copied without its code references
+  (`CODE_KEYS`); the other files byte for byte.
+
+  Raises:
+    UnsafeInputError naming a file that is a symlink resolving outside
+    `src_dir` (unless `follow_symlinks`), before anything is copied.
+  """
   if not src_dir:
     return []
-  copied = []
-  for name in AUX_FILES:
-    src = os.path.join(src_dir, name)
-    if os.path.isfile(src):
-      shutil.copyfile(src, os.path.join(dst_dir, name))
-      copied.append(name)
-  return copied
+  present = [n for n in AUX_FILES if os.path.isfile(os.path.join(src_dir, n))]
+  for name in present:
+    inputs.resolve_inside(src_dir, name, follow_symlinks)
+  for name in present:
+    src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+    if name == 'tokenizer_config.json':
+      try:
+        with open(src, encoding='utf-8') as f:
+          tc = json.load(f)
+      except ValueError as e:
+        raise CheckpointError(f'{src}: invalid JSON ({e})') from None
+      if isinstance(tc, dict) and any(k in tc for k in CODE_KEYS):
+        _write_json(dst, {k: v for k, v in tc.items() if k not in CODE_KEYS})
+        continue
+    shutil.copyfile(src, dst)
+  return present
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -157,27 +186,30 @@ def save_params_dir(params_dir: str, params: Any, cfg: ModelConfig, *,
                     tokenizer_dir: str | None = None,
                     hf_config: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None,
-                    overwrite: bool = False) -> None:
+                    overwrite: bool = False,
+                    follow_symlinks: bool = False) -> None:
   """Writes a params dir (see module docstring) atomically.
 
   `cfg.param_dtype` is set from the params, so the saved config describes
-  the saved leaves exactly.
+  the saved leaves exactly. `follow_symlinks` lets tokenizer files that are
+  symlinks out of `tokenizer_dir` be copied.
 
   Raises:
     CheckpointError naming the first leaf that does not match `cfg`.
-    FileExistsError when `params_dir` exists and `overwrite` is False.
+    OutputError (a FileExistsError) when `params_dir` exists and
+    `overwrite` is False, or is not an act-jax params dir.
   """
   dtype = np.dtype(jax.tree.leaves(params)[0].dtype).name
   cfg = cfg.replace(param_dtype=dtype)
   check_tree(params, forward.abstract_params(cfg), f'params for {params_dir}')
-  with atomic.atomic_dir(params_dir, overwrite) as tmp:
+  with atomic.atomic_dir(params_dir, overwrite, kind='params') as tmp:
     if distributed.is_primary():
       with open(os.path.join(tmp, MODEL_CONFIG), 'w') as f:
         f.write(cfg.to_json() + '\n')
       if hf_config is not None:
         _write_json(os.path.join(tmp, HF_CONFIG), hf_config)
       _write_json(os.path.join(tmp, META), dict(meta or {}))
-      copy_aux_files(tokenizer_dir, tmp)
+      copy_aux_files(tokenizer_dir, tmp, follow_symlinks)
     save_pytree(os.path.join(tmp, PARAMS), params)
   logging.info('saved %d params (%s) to %s', forward.count_params(params),
                dtype, params_dir)
@@ -197,15 +229,20 @@ def load_hf_config_dict(params_dir: str) -> dict[str, Any] | None:
 
 def load_params_dir(params_dir: str, *, mesh: jax.sharding.Mesh | None = None,
                     rules=sharding.DEFAULT_RULES,
-                    param_dtype: str | None = None) -> tuple[ModelConfig, Any]:
+                    param_dtype: str | None = None,
+                    follow_symlinks: bool = False) -> tuple[ModelConfig, Any]:
   """Restores `(cfg, params)` from a params dir, onto `mesh` if given.
 
   Every leaf's shape and dtype is checked against the saved model_config
   before data is read. `param_dtype` casts after restoring.
 
   Raises:
-    CheckpointError naming the file or the first mismatching leaf.
+    CheckpointError naming the file or the first mismatching leaf;
+    UnsafeInputError naming a file that is a symlink out of `params_dir`
+    (unless `follow_symlinks`).
   """
+  for name in [MODEL_CONFIG] + inputs.tree_files(params_dir, PARAMS):
+    inputs.resolve_inside(params_dir, name, follow_symlinks)
   cfg = load_model_config(params_dir)
   abstract = forward.abstract_params(cfg)
   ckpt = os.path.join(params_dir, PARAMS)

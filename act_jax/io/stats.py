@@ -100,11 +100,12 @@ def _expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def save_stats(out_dir: str, flat: dict[str, np.ndarray],
-               manifest: dict[str, Any]) -> str:
+               manifest: dict[str, Any], overwrite: bool = False) -> str:
   """Writes `flat` arrays (keys `<site>/<stat>`, `count`) and the manifest.
 
-  Atomic: written into a temporary sibling directory, then renamed over
-  `out_dir` (an existing `out_dir` is replaced only after success).
+  Atomic: written into a temporary sibling directory, then renamed to
+  `out_dir`. An existing `out_dir` is an error unless `overwrite`, and even
+  then only act-jax's own statistics directory is replaced (after success).
   """
   manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
   shapes = _expected_shapes(manifest)
@@ -119,7 +120,8 @@ def save_stats(out_dir: str, flat: dict[str, np.ndarray],
       raise StatsError(f'array {k} has shape {a.shape}, expected {shape}')
     arrays[k] = a
   out_dir = os.path.abspath(out_dir)
-  with atomic.atomic_dir(out_dir, overwrite=True, collective=False) as tmp:
+  with atomic.atomic_dir(out_dir, overwrite, collective=False,
+                         kind='stats') as tmp:
     save_file(arrays, os.path.join(tmp, ARRAYS_FILE))
     with open(os.path.join(tmp, MANIFEST_FILE), 'w') as f:
       json.dump(manifest, f, indent=2, sort_keys=True)

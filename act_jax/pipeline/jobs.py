@@ -40,6 +40,7 @@ class ConfigError(ValueError):
 class ConvertConfig:
   """`convert`: HF / params dirs -> the run's params dirs."""
   param_dtype: str = ''  # '' keeps the checkpoint dtype; float32 | bfloat16
+  follow_symlinks: bool = False  # accept symlinks out of a model dir (HF cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +176,8 @@ TOP_FIELDS = {
     'stages': '',  # comma list of stages to run ('' = all of the mode)
     'seed': 0,  # global seed (random masks, DARE, SFT order default)
     'mesh_shape': '',  # (data, fsdp, tensor) sizes, e.g. '1,8,1'; '' = all data
+    'overwrite': False,  # recompute completed stages whose inputs changed
+    'restart': False,  # discard interrupted stages' work (no resume)
 }
 
 
@@ -222,6 +225,8 @@ class Plan:
   stages: tuple[str, ...]
   seed: int
   mesh_shape: str
+  overwrite: bool
+  restart: bool
   case: dict[str, Any] | None  # the case's own sub-config (name + fields)
   models: dict[str, str]  # name -> checkpoint dir
   abilities: dict[str, Ability]
@@ -433,6 +438,9 @@ def plan_from_config(config, workdir: str) -> Plan:
   if extra:
     raise ConfigError(f'config: unknown key {extra[0]!r}; valid keys: '
                       f'{", ".join(sorted(known))}')
+  for k in ('overwrite', 'restart'):
+    if not isinstance(top[k], bool):
+      raise ConfigError(f'--config.{k}={top[k]!r}: expected true/false')
   modes = parse_list(top['mode'])
   bad = [m for m in modes if m not in MODES]
   if not modes or bad:
@@ -448,7 +456,8 @@ def plan_from_config(config, workdir: str) -> Plan:
               for name, cls in SECTIONS.items()}
   return Plan(
       modes=modes, stages=parse_list(top['stages']), seed=int(top['seed']),
-      mesh_shape=str(top['mesh_shape']),
+      mesh_shape=str(top['mesh_shape']), overwrite=top['overwrite'],
+      restart=top['restart'],
       case=resolve(dict(case), workdir) if case.get('name') else None,
       models={k: resolve(str(v), workdir)
               for k, v in (_plain(c.get('models')) or {}).items()},

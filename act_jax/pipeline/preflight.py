@@ -11,14 +11,30 @@ checks that every data file exists and that its first record has the fields
 its ability reads (any file type, `save_to_disk` directory or Hub data set
 name `data.load_records` reads). Unknown config keys are rejected by `jobs.
 plan_from_config` (and by `config_flags` when overridden).
+
+`check_ranges(section, values)` is the one range check of numeric fields
+(every float finite, sizes >= 1, fractions in range; `RANGES`), used by the
+pipeline for every section and by the CLIs for their flags.
+`check_output_space(path, bytes)` checks, before heavy work, that an output
+can be written (a probe file is created and removed in the nearest existing
+folder) and that the file system has room for an estimate of the
+artifact's size (`params_bytes`, `stats_bytes`); `check_workdir` does it for
+a pipeline run and refuses inputs that live inside a stage folder a rerun
+may replace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 from act_jax import data
 from act_jax.act import localize
@@ -26,6 +42,9 @@ from act_jax.act import masks as masks_lib
 from act_jax.act import transfer
 from act_jax.eval import metrics as eval_metrics
 from act_jax.io import models as models_io
+from act_jax.model import capture
+from act_jax.model import forward
+from act_jax.model.config import ModelConfig
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.train import finetune
 
@@ -38,6 +57,77 @@ class PreflightError(ValueError):
   """A configuration or checkpoint problem found before any heavy work."""
 
 
+# Ranges of numeric fields, per config section ('ability' = an abilities
+# entry): '>=0', '>=1', '>0', or an interval '[0,1]', '(0,1]', '[0,1)',
+# '(0,1)'. Every float field must also be finite (NaN is refused even where
+# no range is given).
+RANGES: dict[str, dict[str, str]] = {
+    'collect': {'num_probe': '>=0', 'max_seq_len': '>=1',
+                'batch_size': '>=1', 'save_every': '>=0'},
+    'localize': {'top_frac': '(0,1]', 'mass': '(0,1]'},
+    'transfer': {'alpha': '[0,1]'},
+    'baselines': {'interp_t': '[0,1]', 'ties_density': '(0,1]',
+                  'dare_drop': '[0,1)'},
+    'sft': {'ability_weight': '>=0', 'retain_weight': '>=0',
+            'num_records': '>=1'},
+    'evaluate': {'num_eval': '>=0', 'batch_size': '>=1',
+                 'gen_batch_size': '>=1', 'max_seq_len': '>=1'},
+    'report': {'bootstrap': '>=1', 'confidence': '(0,1)'},
+    'train': {'num_steps': '>=1', 'lr': '>=0', 'warmup_frac': '[0,1)',
+              'final_lr_frac': '[0,1]', 'weight_decay': '>=0',
+              'clip_norm': '>=0', 'grad_accum': '>=1', 'batch_size': '>=1',
+              'max_seq_len': '>=1', 'save_every': '>=0',
+              'keep_checkpoints': '>=1', 'log_every': '>=0', 'b1': '[0,1)',
+              'b2': '[0,1)', 'eps': '>0'},
+    'ability': {'max_new_tokens': '>=1'},
+    'export': {'max_shard_bytes': '>=1'},
+}
+
+
+def _in_range(v: float, spec: str) -> bool:
+  if spec.startswith('>='):
+    return v >= float(spec[2:])
+  if spec.startswith('>'):
+    return v > float(spec[1:])
+  lo, hi = (float(x) for x in spec[1:-1].split(','))
+  return ((v >= lo if spec[0] == '[' else v > lo) and
+          (v <= hi if spec[-1] == ']' else v < hi))
+
+
+def _describe(spec: str) -> str:
+  if spec[0] in '[(':
+    return f'a number in {spec}'
+  return f'{spec[:2] if spec[1] == "=" else spec[0]} {spec.lstrip(">=")}'
+
+
+def check_ranges(section: str, values: Any, prefix: str | None = None
+                 ) -> None:
+  """Every numeric field of `values` (a section dataclass or a mapping) is
+  finite and in its `RANGES[section]` range.
+
+  Args:
+    section: the RANGES key ('collect', 'train', ...).
+    values: the section's values.
+    prefix: how errors name a field: `--config.<section>.` by default; the
+      CLIs pass '--' (their flags are named as the fields).
+
+  Raises:
+    PreflightError naming the flag, its value and the range.
+  """
+  if dataclasses.is_dataclass(values):
+    values = dataclasses.asdict(values)
+  prefix = f'--config.{section}.' if prefix is None else prefix
+  for name, v in dict(values).items():
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      continue
+    spec = RANGES.get(section, {}).get(name)
+    if isinstance(v, float) and not math.isfinite(v):
+      raise PreflightError(f'{prefix}{name}={v}: expected a finite number' +
+                           (f' ({_describe(spec)})' if spec else ''))
+    if spec and not _in_range(v, spec):
+      raise PreflightError(f'{prefix}{name}={v}: expected {_describe(spec)}')
+
+
 def _choice(value, choices, flag: str):
   if value not in choices:
     raise PreflightError(f'--config.{flag}={value!r}: expected one of '
@@ -48,11 +138,6 @@ def _frac(value: float, flag: str):
   if not (isinstance(value, (int, float)) and 0 < value <= 1):
     raise PreflightError(f'--config.{flag}={value!r}: expected a fraction '
                          'in (0, 1]')
-
-
-def _positive(value: int, flag: str):
-  if value < 1:
-    raise PreflightError(f'--config.{flag}={value}: expected >= 1')
 
 
 def _sweep(plan: jobs_lib.Plan) -> None:
@@ -72,14 +157,11 @@ def _sweep(plan: jobs_lib.Plan) -> None:
     raise PreflightError(f'--config.localize.select={loc.select!r} chooses '
                          'its own budget: leave sweep.rhos and '
                          'sweep.extra_rhos empty')
-  if loc.select == 'mass':
-    _frac(loc.mass, 'localize.mass')
   if loc.select == 'threshold' and not (math.isfinite(loc.threshold) and
                                         loc.threshold > 0):
     # Scores are >= 0: a threshold of 0 selects every channel (a full copy).
     raise PreflightError(f'--config.localize.threshold={loc.threshold}: '
                          'select=threshold needs a score threshold > 0')
-  _frac(loc.top_frac, 'localize.top_frac')
   for r in rhos:
     _frac(r, 'sweep.rhos')
   for r in extra:
@@ -127,7 +209,6 @@ def _abilities(plan: jobs_lib.Plan) -> None:
         raise PreflightError(f'--config.{f}.pattern={a.pattern!r}: not a '
                              f'regular expression ({e})') from None
     if a.metric == 'exact_match':
-      _positive(a.max_new_tokens, f'{f}.max_new_tokens')
       if a.template == 'text':
         raise PreflightError(f'--config.{f}: metric exact_match needs a '
                              'prompt to generate from: template qa or chat')
@@ -156,34 +237,21 @@ def _abilities(plan: jobs_lib.Plan) -> None:
 
 def check_plan(plan: jobs_lib.Plan) -> None:
   """Values and cross references; raises PreflightError naming the flag."""
+  for name in jobs_lib.SECTIONS:
+    check_ranges(name, getattr(plan, name))
+  for name, a in plan.abilities.items():
+    check_ranges('ability', a, f'--config.abilities.{name}.')
   _sweep(plan)
   _abilities(plan)
-  tr = plan.transfer
-  _choice(tr.policy, transfer.POLICIES, 'transfer.policy')
-  if not (math.isfinite(tr.alpha) and 0 <= tr.alpha <= 1):
-    raise PreflightError(f'--config.transfer.alpha={tr.alpha}: expected a '
-                         'number in [0, 1]')
-  bl = plan.baselines
-  _frac(bl.ties_density, 'baselines.ties_density')
-  if not 0 <= bl.dare_drop < 1:
-    raise PreflightError(f'--config.baselines.dare_drop={bl.dare_drop}: '
-                         'expected [0, 1)')
+  _choice(plan.transfer.policy, transfer.POLICIES, 'transfer.policy')
   co = plan.collect
   _choice(co.dtype, ('float32', 'bfloat16'), 'collect.dtype')
   _choice(co.count_tokens, ('all', 'response'), 'collect.count_tokens')
-  _positive(co.batch_size, 'collect.batch_size')
-  _positive(co.max_seq_len, 'collect.max_seq_len')
   _choice(plan.convert.param_dtype, ('', 'float32', 'bfloat16', 'float16'),
           'convert.param_dtype')
   _choice(plan.sft.mix_by, ('records', 'tokens'), 'sft.mix_by')
-  if min(plan.sft.ability_weight, plan.sft.retain_weight) < 0:
-    raise PreflightError('--config.sft weights must be >= 0')
   _choice(plan.export.dtype, ('', 'float32', 'bfloat16', 'float16'),
           'export.dtype')
-  _positive(plan.export.max_shard_bytes, 'export.max_shard_bytes')
-  ev = plan.evaluate
-  for f in ('batch_size', 'gen_batch_size', 'max_seq_len'):
-    _positive(getattr(ev, f), f'evaluate.{f}')
   try:
     finetune.check_train_config(plan.train)
   except ValueError as e:
@@ -205,14 +273,15 @@ def check_plan(plan: jobs_lib.Plan) -> None:
               f'({", ".join(sorted(plan.abilities))})')
 
 
-def check_models(plan: jobs_lib.Plan) -> None:
+def check_models(plan: jobs_lib.Plan) -> dict[str, ModelConfig]:
   """All models exist (a Hub id is fetched or found in the cache), are
   readable, share architecture and tokenizer; a chat ability's tokenizer
-  has a chat template."""
+  has a chat template. Returns their configs."""
   try:
     dirs = {n: models_io.resolve_model(plan.models[n])
             for n in plan.model_names}
-    models_io.check_related(dirs)
+    cfgs = models_io.check_related(
+        dirs, follow_symlinks=plan.convert.follow_symlinks)
   except models_io.ModelDirError as e:
     raise PreflightError(str(e)) from None
   chat = [n for n, a in plan.abilities.items() if a.template == 'chat']
@@ -224,6 +293,7 @@ def check_models(plan: jobs_lib.Plan) -> None:
           f'{job.base} ({plan.models[job.base]}) has no chat template '
           '(chat_template.jinja or tokenizer_config.json chat_template); '
           'use template qa')
+  return cfgs
 
 
 def _first_record(path: str) -> dict:
@@ -275,3 +345,97 @@ def check_data(plan: jobs_lib.Plan) -> None:
             f'{path} (abilities.{name}.{use}): the first record has no field '
             f'{missing[0]!r} (template {a.template}); it has '
             f'{sorted(rec)}')
+
+
+# ------------------------------------------------------- outputs and space
+
+
+def params_bytes(cfg: ModelConfig, dtype: str | None = None) -> int:
+  """Bytes of one model's params in `dtype` (default `cfg.param_dtype`)."""
+  itemsize = np.dtype(dtype or cfg.param_dtype).itemsize
+  return forward.count_params(forward.abstract_params(cfg)) * itemsize
+
+
+def stats_bytes(cfg: ModelConfig, sites: Iterable[str],
+                num_models: int) -> int:
+  """Bytes of a statistics artifact: float32 sum / sum_abs / sum_sq
+  `[M, L, C]` and, M >= 2, pair_abs_diff `[M, M, L, C]` per site."""
+  per = 3 * num_models + (num_models ** 2 if num_models >= 2 else 0)
+  return sum(4 * per * cfg.num_layers * capture.site_channels(cfg, s)
+             for s in sites)
+
+
+def check_output_space(path: str, need_bytes: int, flag: str) -> None:
+  """`path` can be written and its file system has room for `need_bytes`
+  (plus 10%), checked before heavy work.
+
+  Writability is tried, not guessed: a probe file is created and removed
+  in the nearest folder that exists (permission bits say nothing for root
+  or on a read-only mount).
+
+  Raises:
+    PreflightError naming `flag`, the folder and the reason.
+  """
+  anc = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(anc):
+    anc = os.path.dirname(anc)
+  if not os.path.isdir(anc):
+    raise PreflightError(f'{flag}={path}: {anc} is not a folder')
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.act-jax-write-probe-', dir=anc)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PreflightError(f'{flag}={path}: cannot write in {anc} '
+                         f'({e.strerror})') from None
+  free = shutil.disk_usage(anc).free
+  if need_bytes * 1.1 > free:
+    raise PreflightError(
+        f'{flag}={path}: needs about {need_bytes * 1.1 / 2**20:,.0f} MiB, '
+        f'{free / 2**20:,.0f} MiB free on the file system of {anc}')
+
+
+def workdir_bytes(plan: jobs_lib.Plan, cfgs: Mapping[str, ModelConfig]
+                  ) -> int:
+  """An estimate of what a run writes: a params dir per converted model,
+  per job a transplant, a fine-tuned model and the fine-tune's checkpoints
+  (params + 2 Adam moments, `train.keep_checkpoints` of them), and the
+  statistics of every probed ability (full + two halves)."""
+  if not cfgs:
+    return 0
+  cfg = next(iter(cfgs.values()))
+  one = params_bytes(cfg, plan.convert.param_dtype or None)
+  jobs = sum(not j.analyze_only for j in plan.jobs)
+  ckpt = 3 * params_bytes(cfg, 'float32') * plan.train.keep_checkpoints
+  sites = jobs_lib.parse_list(plan.collect.sites) or capture.OUTPUT_SITES
+  stats = 3 * len(plan.probed_abilities) * stats_bytes(
+      cfg, sites, len(plan.model_names))
+  return len(cfgs) * one + jobs * (2 * one + ckpt) + stats
+
+
+def check_workdir(plan: jobs_lib.Plan, workdir: str,
+                  stage_names: Iterable[str],
+                  cfgs: Mapping[str, ModelConfig] | None = None) -> None:
+  """The workdir can hold the run, and no input lives where a rerun with
+  `overwrite` would replace it (inside a stage folder other than the case
+  build's, whose products the models and data of a case are).
+
+  Raises:
+    PreflightError naming the input or the missing room.
+  """
+  workdir = os.path.abspath(workdir)
+  paths = [(f'models.{n}', p) for n, p in plan.models.items()]
+  for name, a in plan.abilities.items():
+    paths += [(f'abilities.{name}.{u}', getattr(a, u))
+              for u in ('probe', 'eval', 'sft') if getattr(a, u)]
+  for stage in stage_names:
+    if stage == 'build_models':
+      continue
+    folder = os.path.join(workdir, stage)
+    for field, p in paths:
+      real = os.path.abspath(p)
+      if real == folder or real.startswith(folder + os.sep):
+        raise PreflightError(
+            f'--config.{field}={p} lies inside the stage folder {folder}, '
+            'which a rerun replaces; keep inputs outside the workdir')
+  check_output_space(workdir, workdir_bytes(plan, cfgs or {}), '--workdir')

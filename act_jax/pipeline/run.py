@@ -17,9 +17,11 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
   """Runs the configured stages of `config` into `workdir`.
 
   Everything that can be checked before heavy work is: the config (keys,
-  values, cross references), the stage plan (missing inputs), the models
-  (architecture, tokenizer; after the case build when there is one) and the
-  data files.
+  values and ranges, cross references), the stage plan (missing inputs),
+  the models (architecture, tokenizer; after the case build when there is
+  one), the data files, and that the workdir can be written and has room.
+  `config.overwrite` recomputes completed stages whose config, code or
+  inputs changed; `config.restart` discards interrupted stages' work.
 
   Returns:
     `{stage: completion record}`.
@@ -29,12 +31,15 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
   preflight.check_plan(plan)
   stage_list = stages.make_stages(plan)
   runner.check_plan(stage_list, workdir, plan.stages)
+  cfgs = {}
   if not plan.case or runner.is_complete(workdir, 'build_models'):
     # A case's models and data only exist after its build (convert checks
     # the models again).
-    preflight.check_models(plan)
+    cfgs = preflight.check_models(plan)
     preflight.check_data(plan)
-  records = runner.run_stages(stage_list, workdir, plan.stages)
+  preflight.check_workdir(plan, workdir, [s.name for s in stage_list], cfgs)
+  records = runner.run_stages(stage_list, workdir, plan.stages,
+                              overwrite=plan.overwrite, restart=plan.restart)
   report = os.path.join(workdir, 'report.md')
   if 'report' in records and os.path.isfile(report) and (
       distributed.is_primary()):

@@ -8,11 +8,25 @@ snapshot) and renames the folder to `workdir/<stage>/`. So a finished stage
 is skipped on rerun, a killed stage resumes from its finished sub-artifacts,
 and nothing half-written ever sits under a final name.
 
-The drift key of a stage digests its config snapshot AND the source of the
-code it runs (`Stage.code`: act_jax packages / modules), so a rerun whose
-config or code differs from what a completed stage recorded fails by name
-instead of silently reusing an artifact made by other settings or older
-code.
+The drift key of a stage digests its config snapshot, the source of the
+code it runs (`Stage.code`: act_jax packages / modules), the content
+fingerprints of the files and model dirs it reads from outside the workdir
+(`Stage.paths`: safetensors headers + tensor bytes, data file bytes; see
+`io.inputs`) and the drift keys of the stages it reads (`Stage.inputs`). So
+a rerun whose config, code or inputs differ from what a completed stage
+recorded fails by name instead of silently reusing an artifact made from
+something else; with `overwrite` the stage (and, through the chain, every
+later one) is recomputed and its folder replaced. A killed stage records
+the same key in `<stage>.partial/STARTED.json`; a rerun resumes it only
+when nothing changed ("... changed since the interrupted run"), and
+`restart` discards the interrupted work instead.
+
+The workdir is act-jax's: it carries `.act-jax.json` (kind 'workdir'); a
+non-empty folder without it is refused, so a run never writes stage folders
+into a folder of unrelated files, and a folder under a stage's name that no
+stage completed is never removed. One run at a time: the runner holds
+`<workdir>/.lock` (fcntl) for the whole run; a second one fails at once
+naming the holder's pid.
 
 A subset (`only=('collect', 'localize')`) runs just those stages; each input
 stage they need must already be complete, else `StageError` names the
@@ -37,8 +51,12 @@ from absl import logging
 
 from act_jax import distributed
 from act_jax.io import atomic
+from act_jax.io import inputs as inputs_lib
+from act_jax.io import models as models_io
 
 MARKER = 'COMPLETE.json'
+STARTED = 'STARTED.json'
+LOCK = '.lock'
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,6 +92,8 @@ class Stage:
   inputs: tuple[str, ...] = ()
   snapshot: Any = None  # JSON-able config the stage depends on (drift)
   code: tuple[str, ...] = ()  # act_jax paths it runs ('model', 'act/...')
+  paths: tuple[str, ...] = ()  # model dirs / data files it reads (content)
+  follow_symlinks: bool = False  # model dirs may link outside themselves
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -115,10 +135,62 @@ def _jsonable(x: Any) -> Any:
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
-def drift_key(stage: Stage) -> dict[str, Any]:
-  """What a completed stage must match to be reused."""
+def path_fingerprint(path: str, follow_symlinks: bool = False
+                     ) -> dict[str, Any]:
+  """Content fingerprint of a stage input: a model dir (either kind), a data
+  file or dataset dir; `{'missing': True}` when it does not exist yet. A
+  Hub id is its local snapshot (pre-flight has fetched it)."""
+  if models_io.is_hub_id(path):
+    path = models_io.resolve_model(path)
+  if os.path.isdir(path) and (
+      os.path.isfile(os.path.join(path, 'config.json')) or
+      os.path.isfile(os.path.join(path, 'model_config.json'))):
+    return models_io.model_fingerprint(path, follow_symlinks)
+  if os.path.exists(path):
+    return inputs_lib.data_fingerprint(path)
+  return {'missing': True}
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(
+      {k: key.get(k) for k in ('config', 'code', 'inputs', 'upstream')},
+      sort_keys=True).encode()).hexdigest()[:16]
+
+
+def drift_key(stage: Stage, workdir: str | None = None) -> dict[str, Any]:
+  """What a completed (or interrupted) stage must match to be reused: its
+  config snapshot, code digest, input fingerprints and, given `workdir`,
+  the digests of its completed input stages' keys."""
+  upstream = {}
+  if workdir is not None:
+    for dep in stage.inputs:
+      if is_complete(workdir, dep):
+        upstream[dep] = _key_digest(read_marker(workdir, dep))
   return {'config': _jsonable(stage.snapshot),
-          'code': code_digest(stage.code) if stage.code else None}
+          'code': code_digest(stage.code) if stage.code else None,
+          'inputs': {p: path_fingerprint(p, stage.follow_symlinks)
+                     for p in stage.paths},
+          'upstream': upstream}
+
+
+def key_change(recorded: dict[str, Any], now: dict[str, Any]
+               ) -> tuple[str, str] | None:
+  """`(what, detail)` of the first difference between two drift keys:
+  ('config' | 'code' | 'input' | 'upstream', ...), or None."""
+  if recorded.get('config') is not None and recorded['config'] != now[
+      'config']:
+    return 'config', (f'recorded: {recorded["config"]}\n now: '
+                      f'{now["config"]}')
+  if recorded.get('code') and now['code'] and recorded['code'] != now['code']:
+    return 'code', f'code digest {recorded["code"]}, now {now["code"]}'
+  changed = inputs_lib.first_change(recorded.get('inputs', {}),
+                                    now['inputs'])
+  if changed:
+    return 'input', changed
+  for dep, digest in now['upstream'].items():
+    if recorded.get('upstream', {}).get(dep) != digest:
+      return 'upstream', dep
+  return None
 
 
 def check_plan(stages: Sequence[Stage], workdir: str,
@@ -150,23 +222,29 @@ def check_plan(stages: Sequence[Stage], workdir: str,
   return selected
 
 
-def _check_drift(stage: Stage, workdir: str):
-  if stage.snapshot is None and not stage.code:
-    return
-  recorded = read_marker(workdir, stage.name)
-  now = drift_key(stage)
-  where = stage_dir(workdir, stage.name)
-  if recorded.get('config') is not None and recorded['config'] != now[
-      'config']:
-    raise StageError(
-        f'stage {stage.name!r} in {where} was completed with a different '
-        'config; use a fresh --workdir or remove that folder to recompute '
-        f'it.\n recorded: {recorded["config"]}\n now: {now["config"]}')
-  if recorded.get('code') and now['code'] and recorded['code'] != now['code']:
-    raise StageError(
-        f'stage {stage.name!r} in {where} was completed by other act-jax code '
-        f'(code digest {recorded["code"]}, now {now["code"]}); use a fresh '
-        '--workdir or remove that folder to recompute it')
+def _drift_error(stage: Stage, where: str, change: tuple[str, str],
+                 interrupted: bool) -> Exception:
+  """The one-line error of a stage whose drift key changed."""
+  what, detail = change
+  if interrupted:
+    fix = ('rerun with --config.restart=True to discard the interrupted '
+           'work')
+    done = f'stage {stage.name!r} was interrupted in {where}'
+  else:
+    fix = ('rerun with --config.overwrite=True to recompute it (and the '
+           'stages after it), or use a fresh --workdir')
+    done = f'stage {stage.name!r} in {where} was completed'
+  since = 'the interrupted run' if interrupted else 'it was completed'
+  if what == 'input':
+    return inputs_lib.InputChangedError(
+        f'{detail} changed since {since} (stage {stage.name!r}, {where}); '
+        f'{fix}')
+  if what == 'upstream':
+    return StageError(f'{done} from another result of stage {detail!r} '
+                      f'(recomputed since); {fix}')
+  if what == 'code':
+    return StageError(f'{done} by other act-jax code ({detail}); {fix}')
+  return StageError(f'{done} with a different config; {fix}.\n {detail}')
 
 
 def rss_mb() -> float:
@@ -202,55 +280,154 @@ def peak_rss(interval_s: float = 0.2) -> Iterator[list[float]]:
     peak[0] = max(peak[0], rss_mb())
 
 
-def run_stage(stage: Stage, workdir: str) -> dict[str, Any]:
-  """Runs one stage into `<name>.partial/`, marks it, renames it final."""
-  final = stage_dir(workdir, stage.name)
-  partial = final + '.partial'
+def _prepare_partial(stage: Stage, workdir: str, key: dict[str, Any],
+                     restart: bool) -> str:
+  """`<stage>.partial/` ready to (re)run into: resumed only when its
+  STARTED.json records the same drift key; discarded with `restart`."""
+  partial = stage_dir(workdir, stage.name) + '.partial'
+  started = os.path.join(partial, STARTED)
+  if os.path.isdir(partial) and not restart:
+    if os.path.isfile(started):
+      change = key_change(atomic.read_json(started), key)
+      if change:
+        raise _drift_error(stage, partial, change, interrupted=True)
+    elif os.listdir(partial):
+      raise StageError(
+          f'{partial} holds work no act-jax run of this version started (no '
+          f'{STARTED}); rerun with --config.restart=True to discard it')
+  distributed.barrier(f'stage_check:{stage.name}')
   if distributed.is_primary():
+    if restart and os.path.isdir(partial):
+      logging.info('stage %s: discarding the interrupted work in %s (restart)',
+                   stage.name, partial)
+      shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
-    if os.listdir(partial):
+    if os.path.isfile(started):
       logging.info('stage %s: resuming from %s', stage.name, partial)
+    else:
+      atomic.write_json(started, key)
+  return partial
+
+
+def run_stage(stage: Stage, workdir: str, restart: bool = False,
+              key: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs one stage into `<name>.partial/`, marks it, renames it final
+  (replacing a completed folder of the same stage: a recomputation)."""
+  final = stage_dir(workdir, stage.name)
+  key = key or drift_key(stage, workdir)
+  partial = _prepare_partial(stage, workdir, key, restart)
   distributed.barrier(f'stage_start:{stage.name}')
   t0 = time.time()
-  with peak_rss() as peak:
+  with peak_rss() as peak, atomic.failpoint_scope(stage.name):
     summary = stage.run(StageContext(workdir, stage.name, partial))
   record = {
       'stage': stage.name,
       'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
       'wall_s': round(time.time() - t0, 2),
       'peak_rss_mb': round(peak[0], 1),
-      **drift_key(stage),
+      **key,
       'summary': summary if summary is not None else {},
   }
   distributed.barrier(f'stage_done:{stage.name}')
   if distributed.is_primary():
-    atomic.write_json(os.path.join(partial, MARKER), record)
-    if os.path.exists(final):  # a stale, unmarked folder from an old layout
-      shutil.rmtree(final)
-    os.replace(partial, final)
+    with atomic.failpoint_scope(stage.name):
+      atomic.failpoint('stage.before_complete')
+      atomic.write_json(os.path.join(partial, MARKER), record)
+      atomic.failpoint('stage.before_rename')
+    old = os.path.join(workdir, f'.{stage.name}.old')
+    if os.path.lexists(final):
+      if not is_complete(workdir, stage.name):
+        raise StageError(f'{final} exists but no stage completed it (no '
+                         f'{MARKER}); refusing to replace it')
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(final, old)
+    os.rename(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
   distributed.barrier(f'stage_end:{stage.name}')
   logging.info('stage %s: done in %.1fs (peak RSS %.0f MiB) -> %s',
                stage.name, record['wall_s'], record['peak_rss_mb'], final)
   return record
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` with its marker, or checks an existing one is an
+  act-jax workdir (marker, or the stage folders of an older act-jax).
+
+  Raises:
+    StageError naming `workdir` when it holds anything else.
+  """
+  workdir = os.path.abspath(workdir)
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise StageError(f'--workdir={workdir} exists and is not a folder')
+  marker = atomic.read_marker(workdir)
+  if marker is not None:
+    if marker.get('kind') != 'workdir':
+      raise StageError(f'--workdir={workdir} holds an act-jax '
+                       f'{marker.get("kind")} artifact, not a workdir; '
+                       'choose another folder')
+    return
+  entries = [e for e in (os.listdir(workdir) if os.path.isdir(workdir)
+                          else []) if e != LOCK]
+  legacy = any(os.path.isfile(os.path.join(workdir, e, MARKER)) or
+               e.endswith('.partial') for e in entries)
+  if entries and not legacy:
+    raise StageError(
+        f'--workdir={workdir} holds files and is not an act-jax workdir (no '
+        f'{atomic.MARKER}); choose a new or empty folder')
+  if distributed.is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    atomic.write_marker(workdir, 'workdir')
+  distributed.barrier(f'workdir:{workdir}')
+
+
 def run_stages(stages: Sequence[Stage], workdir: str,
-               only: Sequence[str] | None = None) -> dict[str, dict]:
+               only: Sequence[str] | None = None, *, overwrite: bool = False,
+               restart: bool = False) -> dict[str, dict]:
   """Runs the (selected) stages in order, skipping completed ones.
+
+  Args:
+    stages: every stage of the plan, in order.
+    workdir: the run's folder (created; an existing one must be act-jax's).
+    only: run just these stages (their inputs must be complete).
+    overwrite: recompute a completed stage whose config, code or inputs
+      changed (replacing its folder) instead of failing.
+    restart: discard an interrupted stage's work instead of resuming it.
 
   Returns:
     `{stage: completion record}` for every selected stage.
+
+  Raises:
+    StageError / InputChangedError naming the stage and what changed;
+    LockedError when another run holds the workdir.
   """
-  os.makedirs(workdir, exist_ok=True)
-  selected = check_plan(stages, workdir, only)
-  records = {}
-  for stage in selected:
-    if is_complete(workdir, stage.name):
-      _check_drift(stage, workdir)
-      logging.info('stage %s: complete, skipping (%s)', stage.name,
-                   stage_dir(workdir, stage.name))
-      records[stage.name] = read_marker(workdir, stage.name)
-      continue
-    logging.info('stage %s: running', stage.name)
-    records[stage.name] = run_stage(stage, workdir)
+  workdir = os.path.abspath(workdir)
+  prepare_workdir(workdir)
+  lock = (atomic.hold_lock(os.path.join(workdir, LOCK), workdir,
+                           guards=workdir) if distributed.is_primary()
+          else contextlib.nullcontext())
+  with lock:
+    selected = check_plan(stages, workdir, only)
+    records = {}
+    for stage in selected:
+      key = None
+      if is_complete(workdir, stage.name):
+        key = drift_key(stage, workdir)
+        change = key_change(read_marker(workdir, stage.name), key)
+        if change is None:
+          logging.info('stage %s: complete, skipping (%s)', stage.name,
+                       stage_dir(workdir, stage.name))
+          records[stage.name] = read_marker(workdir, stage.name)
+          continue
+        if not overwrite:
+          raise _drift_error(stage, stage_dir(workdir, stage.name), change,
+                             interrupted=False)
+        logging.info('stage %s: its %s changed; recomputing (overwrite)',
+                     stage.name, change[0])
+      elif os.path.lexists(stage_dir(workdir, stage.name)):
+        raise StageError(
+            f'{stage_dir(workdir, stage.name)} exists but no stage completed '
+            f'it (no {MARKER}); move it away: act-jax replaces only its own '
+            'stage folders')
+      logging.info('stage %s: running', stage.name)
+      records[stage.name] = run_stage(stage, workdir, restart, key)
   return records

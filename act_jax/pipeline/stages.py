@@ -98,14 +98,22 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
         snapshot=snap(plan.case), code=CODE['build_models']))
   pre = ('build_models',) if plan.case else ()
   S = runner.Stage  # pylint: disable=invalid-name
+  # The files each stage reads from outside the workdir's stage chain: their
+  # content fingerprints enter its drift key (runner.drift_key).
+  def files(use, names):
+    return tuple(getattr(plan.abilities[a], use) for a in names
+                 if getattr(plan.abilities[a], use))
+
+  evaluated = tuple(a for j in plan.jobs for a in j.abilities)
   out.append(S('convert', lambda ctx: convert(plan.convert, models, ctx),
                inputs=pre, snapshot=snap(plan.convert, models),
-               code=CODE['convert']))
+               code=CODE['convert'], paths=tuple(models.values()),
+               follow_symlinks=plan.convert.follow_symlinks))
   out.append(S('collect', lambda ctx: collect(plan.collect, probed,
                                               plan.model_names, ctx),
                inputs=('convert',), snapshot=snap(plan.collect, probed,
                                                   plan.model_names),
-               code=CODE['collect']))
+               code=CODE['collect'], paths=files('probe', probed)))
   out.append(S('localize', lambda ctx: localize(plan, ctx),
                inputs=('convert', 'collect'),
                snapshot=snap(plan.localize, plan.scores, plan.rhos,
@@ -118,13 +126,16 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
     out.append(S('finetune', lambda ctx: finetune(plan, ctx),
                  inputs=('convert', 'localize', 'transfer'),
                  snapshot=snap(plan.train, plan.sft, plan.abilities,
-                               plan.jobs), code=CODE['finetune']))
+                               plan.jobs), code=CODE['finetune'],
+                 paths=files('sft', plan.abilities)))
     out.append(S('evaluate', lambda ctx: evaluate(plan, ctx),
                  inputs=('convert', 'localize', 'transfer', 'finetune'),
                  snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
                                plan.transfer, plan.baselines, plan.train,
                                plan.sft, plan.abilities, plan.jobs),
-                 code=CODE['evaluate']))
+                 code=CODE['evaluate'],
+                 paths=files('eval', evaluated) + files('sft',
+                                                        plan.abilities)))
   out.append(S('report', lambda ctx: report(plan, ctx),
                inputs=('localize',) if plan.modes == ('analyze',) else
                ('localize', 'evaluate')))
@@ -169,20 +180,23 @@ def convert(convert_cfg: jobs_lib.ConvertConfig, models: dict[str, str],
   A model given as a Hub id (`org/name`) is read from its local snapshot
   (`models_io.resolve_model`)."""
   models = {n: models_io.resolve_model(p) for n, p in models.items()}
-  models_io.check_related(models)
+  follow = convert_cfg.follow_symlinks
+  models_io.check_related(models, follow_symlinks=follow)
   for name, path in models.items():
     if ctx.sub_done(name):
       continue
     cfg, params = models_io.load_model(
-        path, param_dtype=convert_cfg.param_dtype or None)
+        path, param_dtype=convert_cfg.param_dtype or None,
+        follow_symlinks=follow)
     hf_cfg = None
     if os.path.isfile(os.path.join(path, 'config.json')):
-      hf_cfg = hf.read_hf_config_dict(path)
+      hf_cfg = hf.read_hf_config_dict(path, follow)
     else:
       hf_cfg = params_io.load_hf_config_dict(path)
     params_io.save_params_dir(ctx.sub_dir(name), params, cfg,
                               tokenizer_dir=path, hf_config=hf_cfg,
-                              meta={'source': os.path.abspath(path)})
+                              meta={'source': os.path.abspath(path)},
+                              follow_symlinks=follow)
   return {'models': models}
 
 
@@ -254,7 +268,8 @@ def collect(collect_cfg: jobs_lib.CollectConfig,
     stats_io.save_stats(ctx.sub_dir(os.path.join(name, 'full')), full,
                         dict(halves[0].manifest, num_tokens=int(
                             full['count'][0]), probe={
-                                'path': ability.probe, 'halves': 2}))
+                                'path': ability.probe, 'halves': 2}),
+                        overwrite=True)  # a resumed stage writes it again
     out[name] = {'tokens': int(full['count'][0]), 'texts': len(recs)}
   return out
 

@@ -9,7 +9,11 @@
   - orbax checkpoints every `save_every` steps (params, opt state, step, data
     position, rng) in `workdir/checkpoints`; a rerun resumes from the latest
     one and, since the data order is a function of the step, ends with the
-    same params as an uninterrupted run;
+    same params as an uninterrupted run. It resumes only what it started:
+    `workdir/train_config.json` records every train field that changes the
+    result and `workdir/inputs.json` digests of the start params, the mask,
+    the batches and the caller's `fingerprint`; a rerun with other values
+    fails naming the field or input (`inputs.InputChangedError`);
   - a non-finite loss or gradient leaves the state untouched (selected
     in-graph), stops the run with `TrainingDivergedError` and never saves
     the bad state: the last good checkpoint stays the latest;
@@ -20,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -34,6 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from act_jax.io import atomic
+from act_jax.io import inputs as inputs_lib
 from act_jax.model import forward
 from act_jax.model import losses
 from act_jax.train import metrics as train_metrics
@@ -318,26 +324,69 @@ def _manager(workdir: str, tc: TrainConfig) -> ocp.CheckpointManager:
                                            create=True))
 
 
-def _check_resume_config(workdir: str, tc: TrainConfig) -> None:
-  """Writes train_config.json, or checks a resumed run's fields match."""
+# Train fields that do not change the trained params (logging, how often
+# and how many checkpoints are kept): a resume may change them.
+_RESUME_FREE = ('save_every', 'keep_checkpoints', 'log_every')
+
+
+def _digest_arrays(tree) -> str | None:
+  """SHA-256 of a pytree's leaves (paths, dtypes, shapes, bytes), one leaf
+  on the host at a time; None when a leaf is not fully addressable here."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if hasattr(x, 'is_fully_addressable') and not x.is_fully_addressable:
+      return None
+    a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def resume_inputs(params, mask, batches, first,
+                  fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+  """What a resumed fine-tune must start from: digests of the start params,
+  the mask, the batches (all of a sequence; the first of a callable or
+  iterator) and the caller's `fingerprint` entries (files it read)."""
+  if isinstance(batches, Sequence) and not callable(batches):
+    data = _digest_arrays([dict(b) for b in batches])
+  else:
+    data = _digest_arrays(first)
+  out = {'start params': {'digest': _digest_arrays(params)},
+         'trainable mask': {'digest': _digest_arrays(mask)},
+         'fine-tune batches': {'digest': data}}
+  out.update(json.loads(json.dumps(dict(fingerprint or {}), default=str)))
+  return out
+
+
+def _check_resume(workdir: str, tc: TrainConfig,
+                  inputs: dict[str, Any]) -> None:
+  """Writes train_config.json and inputs.json, or checks that a resumed
+  run has the same train fields and inputs."""
   path = os.path.join(workdir, 'train_config.json')
+  ipath = os.path.join(workdir, 'inputs.json')
   cur = dataclasses.asdict(tc)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    keys = ('num_steps', 'batch_size', 'grad_accum', 'scope', 'lean', 'seed',
-            'lr', 'schedule', 'warmup_frac', 'weight_decay', 'max_seq_len')
-    diff = [k for k in keys if old.get(k) != cur[k]]
+    diff = [k for k in cur if k not in _RESUME_FREE and old.get(k) != cur[k]]
     if diff:
       raise ValueError(f'{path}: resuming with changed train fields {diff} '
                        f'(was {[old.get(k) for k in diff]}, now '
                        f'{[cur[k] for k in diff]}); use a new workdir')
+    recorded = atomic.read_json(ipath) if os.path.exists(ipath) else {}
+    changed = inputs_lib.first_change(recorded, inputs)
+    if changed:
+      raise inputs_lib.InputChangedError(
+          f'{changed} changed since the interrupted fine-tune in {workdir}; '
+          f'{inputs_lib.RESTART_HINT}')
     return
+  atomic.write_json(ipath, inputs)
   atomic.write_json(path, cur)
 
 
 def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
-             mask=None, mesh=None, workdir: str | None = None) -> Params:
+             mask=None, mesh=None, workdir: str | None = None,
+             fingerprint: dict[str, Any] | None = None) -> Params:
   """Trains `params` for `train_cfg.num_steps` steps; returns the new params.
 
   Args:
@@ -352,10 +401,14 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
       scope channels/modules.
     mesh: device mesh (default: all devices on 'data').
     workdir: checkpoints, metrics.jsonl, tb/; None = no checkpoints/logs.
+    fingerprint: `{name: content fingerprint}` of the files the caller
+      built params and batches from; with the digests of the start params,
+      mask and batches, a resume must match it (InputChangedError).
 
   Raises:
     ValueError for a bad config, empty data or a bad batch (before
-    compiling); TrainingDivergedError on a non-finite loss.
+    compiling); InputChangedError when `workdir` holds a fine-tune of other
+    inputs; TrainingDivergedError on a non-finite loss.
   """
   tc = check_train_config(train_cfg)
   source = BatchSource(batches, tc, cfg.vocab_size)
@@ -380,7 +433,8 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
   mgr = None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    _check_resume_config(workdir, tc)
+    _check_resume(workdir, tc, resume_inputs(params, mask, batches, first,
+                                             fingerprint))
     mgr = _manager(workdir, tc)
     latest = mgr.latest_step()
     if latest is not None:
@@ -436,6 +490,7 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
                 {'params': params, 'opt_state': opt_state, 'rng': rng}),
             meta=ocp.args.JsonSave({'step': done, 'data_position': done,
                                     'num_truncated': source.num_truncated})))
+        atomic.failpoint('checkpoint.saved')
       last_step = done
   finally:
     logger.close()
