@@ -357,12 +357,18 @@ class Decoder(nn.Module):
   """Embedding, scanned decoder layers, final norm and (optional) lm_head.
 
   `__call__` returns `(logits_btv or hidden_btd, stats, cache)`; see
-  forward.apply for the public, pure entry point.
+  forward.apply for the public, pure entry point. With `scan_layers=False`
+  the layers are unrolled, each with its own params `layers_0`, `layers_1`,
+  ... (forward.unstack_layers): a loop that runs the model many times on
+  the same weights (greedy decoding) slices them once instead of copying
+  every layer's weights out of the stacked arrays on every step, which is
+  what XLA:CPU does for a scan (and for static slices too).
   """
 
   cfg: ModelConfig
   capture: capture_lib.CaptureSpec | None = None
   compute_logits: bool = True
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, tokens_bt, ctx, cache=None):
@@ -376,15 +382,23 @@ class Decoder(nn.Module):
     per_layer = {'window': jnp.asarray(cfg.sliding_windows, jnp.int32)}
     if cache is not None:
       per_layer['cache_k'], per_layer['cache_v'] = cache['k'], cache['v']
-    layers = nn.scan(
-        DecoderLayer,
-        variable_axes={'params': 0, 'slices': 0},
-        split_rngs={'params': True},
-        in_axes=(nn.broadcast, 0),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-    )(cfg, self.capture, name='layers')
-    x_btd, ys = layers(x_btd, ctx, per_layer)
+    if self.scan_layers:
+      layers = nn.scan(
+          DecoderLayer,
+          variable_axes={'params': 0, 'slices': 0},
+          split_rngs={'params': True},
+          in_axes=(nn.broadcast, 0),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(cfg, self.capture, name='layers')
+      x_btd, ys = layers(x_btd, ctx, per_layer)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        x_btd, y = DecoderLayer(cfg, self.capture, name=f'layers_{i}')(
+            x_btd, ctx, jax.tree.map(lambda a, i=i: a[i], per_layer))
+        outs.append(y)
+      ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     new_cache = None
     if cache is not None:
       new_cache = {'k': ys['cache_k'], 'v': ys['cache_v']}

@@ -5,6 +5,7 @@ Everything outside model.py talks to the decoder through these functions:
   logical_axes(cfg)          logical axis names per param leaf
   init_params(cfg, rng)      random params (tests, toy training)
   apply(params, tokens, cfg) -> Output(logits, stats, cache)
+  unstack_layers(params)     the same params with the layers unrolled
   stack_params([p1, p2..])   one tree with a `[M]` models axis (leading, or
                              second under `layers` when layer_major)
   apply_models(stacked, ...) one `jax.vmap`ped forward over all M models
@@ -145,7 +146,8 @@ def apply(params: Params,
     attention_mask_bt = jnp.ones(tokens_bt.shape, jnp.int32)
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
                  kv_valid_bs, segment_ids_bt)
-  model = Decoder(cfg, capture, compute_logits)
+  model = Decoder(cfg, capture, compute_logits,
+                  scan_layers='layers' in params)
   variables = {'params': params}
   if slices:
     variables['slices'] = slices
@@ -160,6 +162,17 @@ def _models_axes(tree: Params, layer_major: bool) -> dict[str, int]:
   """Per top-level key, the position of the models axis (a vmap in_axes
   prefix): 1 for the scanned `layers` leaves when layer_major, else 0."""
   return {k: int(layer_major and k == 'layers') for k in tree}
+
+
+def unstack_layers(params: Params) -> Params:
+  """The unrolled-layers tree: `layers` `[L, ...]` leaves split into
+  `layers_0 .. layers_{L-1}` (one copy; `apply` accepts either tree)."""
+  layers = params['layers']
+  num = jax.tree.leaves(layers)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(num):
+    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], layers)
+  return out
 
 
 def stack_params(params_list: Sequence[Params],
