@@ -163,6 +163,9 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   """
   if not prompts:
     raise ValueError('generate_ids: no prompts')
+  if mesh is not None:  # placed once, not once per batch
+    params = jax.device_put(params, sharding.tree_shardings(
+        mesh, forward.logical_axes(cfg), params))
   cap = -(-max(len(p) for p in prompts) // 8) * 8
   outs = []
   for b0 in range(0, len(prompts), batch_size):

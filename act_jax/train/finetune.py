@@ -5,7 +5,8 @@
     over ('data', 'fsdp'), optimizer state following its params;
   - loss = mean next-token cross-entropy over loss-mask targets (float32),
     gradient accumulation by an in-step `lax.scan` over micro-batches (the
-    exact full-batch gradient; no extra optimizer state);
+    exact full-batch gradient; no extra optimizer state); weight gradients
+    only for trainable slices and none for frozen leaves (see optim.py);
   - orbax checkpoints every `save_every` steps (params, opt state, step, data
     position, rng) in `workdir/checkpoints`; a rerun resumes from the latest
     one and, since the data order is a function of the step, ends with the

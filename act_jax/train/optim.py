@@ -17,7 +17,17 @@ by `scope`:
             it.
 `lean=True` (channels scope only) keeps Adam state only for the selected
 slices: per leaf the selected columns/rows are gathered into compact arrays,
-AdamW runs on those, and the updates are scattered back (see `lean_adamw`).
+AdamW runs on those, and `Optimizer.apply` writes the compact updates into
+the selected entries only (a scatter-set, see `lean_adamw`).
+
+Slice gradients (channels scope, `make_optimizer(..., slice_grads=True)`,
+the default): a layer kernel whose selection is whole columns (or rows) per
+layer gets its weight gradient only for those slices, through a zero probe
+(`slice_probes`, `slices_tree`, model.decoder.dot_slice_grads), and frozen
+leaves get none: with a few percent of channels trainable this skips about
+a third of a step's FLOPs. The compact gradients feed lean state directly;
+full state scatters them into its dense leaves first. `slice_grads=False`
+keeps dense gradients, the reference the tests compare with.
 
 The mask is an ARGUMENT of the update, not a constant inside it: what is
 static is only which leaves are wholly trainable, wholly frozen or partly
