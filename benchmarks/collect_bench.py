@@ -54,7 +54,8 @@ _STEPS = flags.DEFINE_integer('steps', 2, 'Timed batches per measurement.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Dtypes.')
 _KS = flags.DEFINE_list('ks', ['1', '2'], 'Numbers of models.')
 _SMOLLM2 = flags.DEFINE_bool('smollm2', False, 'Also bench SmolLM2-135M.')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds; the best counts.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2,
+                               'Interleaved rounds; the best counts.')
 _GEMM_N = flags.DEFINE_integer('gemm_n', 2048, 'Size of the GEMM-rate probe.')
 
 LINEARS = capture.OUTPUT_SITES

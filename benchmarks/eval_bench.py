@@ -1,4 +1,4 @@
-"""Evaluation throughput: act-jax perplexity and greedy generation vs transformers.
+"""Evaluation speed: act-jax perplexity and greedy generation vs transformers.
 
 Same model, same batches, side by side in one run:
   perplexity  act-jax `eval.metrics.perplexity` over --ppl_batches batches

@@ -1,4 +1,4 @@
-"""Forward vs value_and_grad time of the demo's toy model (a CPU regression check).
+"""Forward vs value_and_grad time of the demo's toy model (a CPU regression).
 
   python benchmarks/toy_step_bench.py [--calls=10]
 

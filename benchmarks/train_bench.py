@@ -1,4 +1,4 @@
-"""Channel-masked fine-tune step: act-jax vs transformers + PyTorch, side by side.
+"""Channel-masked fine-tune step: act-jax vs transformers + PyTorch.
 
 Same random Llama model (built with transformers, converted to act-jax),
 same batch, same channel mask (rho random output channels per layer and
