@@ -67,6 +67,11 @@ class GenerateTest(absltest.TestCase):
     sharded = generate.greedy_generate(self.params, self.cfg, self.tokens,
                                        self.mask, max_new_tokens=n, mesh=mesh)
     np.testing.assert_array_equal(sharded, ours)
+    # The scanned decode (no unrolled copy of the weights): same tokens.
+    scanned = generate.greedy_generate(self.params, self.cfg, self.tokens,
+                                       self.mask, max_new_tokens=n,
+                                       unroll_decode=False)
+    np.testing.assert_array_equal(scanned, ours)
 
   def test_eos_stops_and_matches_hf(self):
     free = generate.greedy_generate(self.params, self.cfg, self.tokens,

@@ -60,10 +60,11 @@ def _forward(params, tokens_bt, mask_bt, cfg, capture=None):
   return out.logits, out.stats
 
 
-@functools.partial(jax.jit, static_argnames=('cfg',))
-def _forward_models(stacked, tokens_bt, mask_bt, cfg):
+@functools.partial(jax.jit, static_argnames=('cfg', 'layer_major'))
+def _forward_models(stacked, tokens_bt, mask_bt, cfg, layer_major=False):
   return forward.apply_models(stacked, tokens_bt, cfg,
-                              attention_mask_bt=mask_bt).logits
+                              attention_mask_bt=mask_bt,
+                              layer_major=layer_major).logits
 
 
 def padded_batch(vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +188,41 @@ class InvariantsTest(absltest.TestCase):
       np.testing.assert_allclose(together[k], alone, atol=1e-5, rtol=0)
     # The three models really differ, so the comparison is not vacuous.
     self.assertGreater(np.abs(together[0] - together[1]).max(), 1e-2)
+    # The layer-major layout (what collect uses) gives the same logits, and
+    # unstacks to the same models.
+    major = forward.stack_params(self.params, layer_major=True)
+    self.assertEqual(major['layers']['mlp']['up_proj']['kernel'].shape[:2],
+                     (self.cfg.num_layers, 3))
+    np.testing.assert_array_equal(
+        np.asarray(_forward_models(major, self.tokens, self.mask, self.cfg,
+                                   layer_major=True)), together)
+    for a, b in zip(jax.tree.leaves(forward.to_layer_major(stacked)),
+                    jax.tree.leaves(major)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(forward.unstack_params(major, 2, True)),
+                    jax.tree.leaves(self.params[2])):
+      np.testing.assert_array_equal(a, b)
+
+  def test_unrolled_layers_equal_scanned(self):
+    # decoder.Decoder(scan_layers=False), used by greedy decoding: the same
+    # logits and statistics from the unstacked params.
+    spec = capture_lib.CaptureSpec(sites=capture_lib.OUTPUT_SITES)
+    scanned, st_s = _forward(self.params[0], self.tokens, self.mask,
+                             self.cfg, capture=spec)
+    unrolled_params = forward.unstack_layers(self.params[0])
+    self.assertNotIn('layers', unrolled_params)
+    self.assertIn(f'layers_{self.cfg.num_layers - 1}', unrolled_params)
+    unrolled, st_u = _forward(unrolled_params, self.tokens, self.mask,
+                              self.cfg, capture=spec)
+    np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(st_u), jax.tree.leaves(st_s)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def test_pairwise_capture_needs_the_models_vmap(self):
+    spec = capture_lib.CaptureSpec(sites=('mlp.up_proj',), pairwise=True)
+    with self.assertRaisesRegex(NameError, 'models'):
+      _forward(self.params[0], self.tokens, self.mask, self.cfg,
+               capture=spec)
 
   def test_later_tokens_do_not_change_earlier_logits(self):
     t0 = 10

@@ -160,11 +160,12 @@ def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
               mesh: jax.sharding.Mesh, rules, num_models: int,
               global_shape: tuple[int, int]):
   """The jitted step and its shardings (cached: reruns do not recompile)."""
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_models,) + x.shape, x.dtype),
+  abstract = jax.eval_shape(
+      lambda p: forward.stack_params([p] * num_models, layer_major=True),
       forward.abstract_params(cfg))
-  param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
-                                     abstract, rules, prefix=('models',))
+  param_sh = sharding.tree_shardings(
+      mesh, forward.stacked_logical_axes(cfg, layer_major=True), abstract,
+      rules)
   rep = sharding.replicated(mesh)
   shapes = accumulator_shapes(cfg, spec, num_models)
   acc_sh = jax.tree.map(lambda _: rep, shapes)
@@ -174,7 +175,7 @@ def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
   def step(acc, params, batch):
     with sharding.activation_sharding(mesh, rules):
       out = forward.apply_models(
-          params, batch['tokens_bt'], cfg,
+          params, batch['tokens_bt'], cfg, layer_major=True,
           attention_mask_bt=batch['attention_mask_bt'],
           positions_bt=batch['positions_bt'],
           token_mask_bt=batch['token_mask_bt'],
@@ -192,8 +193,9 @@ def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
 
 def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
               num_batches, fingerprint, throttle_s, log_every_s, inputs):
-  """One pass over the local batches for one stack of models."""
-  num_models = jax.tree.leaves(stacked)[0].shape[0]
+  """One pass over the local batches for one stack of models (layer-major
+  stacked params, see forward.stack_params)."""
+  num_models = stacked['embed_tokens']['embedding'].shape[0]
   it = iter(batches)
   first = next(it, None)
   if first is None:
@@ -319,7 +321,9 @@ def collect_stats(params: Sequence[Any] | Any,
             log_every_s=log_every_s, inputs=inputs)
   if not models_per_pass or models_per_pass >= k:
     if stacked is None:
-      stacked = forward.stack_params(models)
+      stacked = forward.stack_params(models, layer_major=True)
+    else:  # one on-device copy per run, not one transpose per batch
+      stacked = forward.to_layer_major(stacked)
     spec_k = capture_lib.CaptureSpec(spec.sites, pairwise=k >= 2)
     acc = _run_pass(stacked, cfg, batches, spec_k, ckpt_dir=ckpt_dir,
                     fingerprint=fingerprint, **kw)
@@ -336,7 +340,8 @@ def collect_stats(params: Sequence[Any] | Any,
   for i, j in itertools.combinations(range(k), 2):
     sub = os.path.join(ckpt_dir, f'pair{i}-{j}') if ckpt_dir else None
     acc = _to_artifact(
-        _run_pass(forward.stack_params([models[i], models[j]]), cfg, batches,
+        _run_pass(forward.stack_params([models[i], models[j]],
+                                       layer_major=True), cfg, batches,
                   pair_spec, ckpt_dir=sub,
                   fingerprint=[fingerprint, i, j], **kw), pair_spec)
     if not out:

@@ -26,8 +26,9 @@ Answer matching (`match`), against every accepted answer of an item:
                equals an answer
   last_number  the last number in the reply equals an answer's number
   hash         the text after `####` (GSM8K style) equals an answer's
-Forwards are jitted with params sharded per logical axes and the batch over
-('data', 'fsdp'); every batch is dispatched before any result is fetched.
+Forwards are jitted with params sharded per logical axes (placed once per
+call) and the batch over ('data', 'fsdp'); every batch is dispatched before
+any result is fetched, so the host never waits on a batch.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _jitted(cfg: ModelConfig, mesh):
   def run(params, batch):
     return losses.sequence_logprobs(params, batch, cfg)
 
-  return jax.jit(run, in_shardings=(param_sh, batch_sh), out_shardings=out_sh)
+  return jax.jit(run, in_shardings=(param_sh, batch_sh),
+                 out_shardings=out_sh), param_sh
 
 
 def _pad_rows(batch: dict[str, np.ndarray], multiple: int):
@@ -88,7 +90,9 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
   All batches are dispatched before the results are fetched.
   """
   mesh = mesh or sharding.make_mesh()
-  fn = _jitted(cfg, mesh)
+  fn, param_sh = _jitted(cfg, mesh)
+  # Placed once: params on another sharding would be copied on every call.
+  params = jax.device_put(params, param_sh)
   pending, real = [], []
   for batch in batches:
     batch = losses.as_loss_batch(batch)

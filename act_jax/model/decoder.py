@@ -20,6 +20,7 @@ plain forward.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -90,8 +91,60 @@ class RMSNorm(nn.Module):
     return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
+def _dot(x_nd, kernel):
+  return jnp.dot(x_nd, kernel, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dot_slice_grads(x_nd: jax.Array, kernel: jax.Array, delta: jax.Array,
+                    idx: jax.Array, rows: bool) -> jax.Array:
+  """`x @ kernel` whose VJP gives weight gradients of selected slices only.
+
+  `delta` is a zero probe shaped like the selected slices (`[d_in, k]`
+  columns `idx`, or `[k, d_out]` rows `idx` when `rows`): its cotangent is
+  exactly the gradient of those kernel columns (rows), computed as a
+  `k`-wide product; `kernel` gets no gradient (the caller stops it). So a
+  fine-tune of a few channels skips the full weight gradient `x^T dy`. The
+  value ignores `delta` (it must be zeros); `dx` is the full `dy kernel^T`.
+  """
+  del delta, idx, rows
+  return _dot(x_nd, kernel)
+
+
+def _dot_slice_grads_fwd(x_nd, kernel, delta, idx, rows):
+  del rows
+  # An empty array carries delta's dtype (residuals must be arrays).
+  return _dot(x_nd, kernel), (x_nd, kernel, idx, jnp.zeros((0,), delta.dtype))
+
+
+def _dot_slice_grads_bwd(rows, res, g_nc):
+  x_nd, kernel, idx, dtype_of = res
+  # The transposes of the same dot the dense path differentiates, so the
+  # selected slices get the dense gradient's values (up to summation order).
+  dx, = jax.linear_transpose(lambda x: _dot(x, kernel), x_nd)(g_nc)
+  if rows:
+    x_sel = jnp.take(x_nd, idx, axis=1)
+    w_sel = jax.ShapeDtypeStruct((idx.shape[0], kernel.shape[1]),
+                                 kernel.dtype)
+    dw, = jax.linear_transpose(lambda w: _dot(x_sel, w), w_sel)(g_nc)
+  else:
+    w_sel = jax.ShapeDtypeStruct((kernel.shape[0], idx.shape[0]),
+                                 kernel.dtype)
+    dw, = jax.linear_transpose(lambda w: _dot(x_nd, w), w_sel)(
+        jnp.take(g_nc, idx, axis=1))
+  return dx, None, dw.astype(dtype_of.dtype), None
+
+
+dot_slice_grads.defvjp(_dot_slice_grads_fwd, _dot_slice_grads_bwd)
+
+
 class Linear(nn.Module):
-  """`y = x @ kernel (+ bias)`, kernel `[d_in, d_out]`, float32 accumulation."""
+  """`y = x @ kernel (+ bias)`, kernel `[d_in, d_out]`, float32 accumulation.
+
+  With a `slices` variable `delta_cols`/`delta_rows` (+ `idx_cols`/
+  `idx_rows`) for this module, the kernel's weight gradient is computed only
+  for those columns/rows (`dot_slice_grads`).
+  """
 
   features: int
   use_bias: bool
@@ -108,8 +161,16 @@ class Linear(nn.Module):
     # A 2-D dot: XLA's CPU backward of a dot contracting over two flattened
     # batch axes was ~1.7x slower than over one (benchmarks/README).
     x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    y = jnp.dot(x_nd, kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    for kind in ('cols', 'rows'):
+      if self.has_variable('slices', f'delta_{kind}'):
+        y = dot_slice_grads(x_nd, kernel,
+                            self.get_variable('slices', f'delta_{kind}'),
+                            self.get_variable('slices', f'idx_{kind}'),
+                            kind == 'rows')
+        break
+    else:
+      y = _dot(x_nd, kernel)
     y = y.reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
       bias = self.param(
@@ -141,6 +202,24 @@ class Embed(nn.Module):
     dt = _dtype(self.cfg.dtype)
     return jnp.einsum('btd,vd->btv', x_btd, self.embedding.astype(dt),
                       preferred_element_type=jnp.float32)
+
+
+def attention_mask(ctx: dict[str, jax.Array]) -> jax.Array:
+  """`[B, T, S]` bool: which key slot each query may attend (no window).
+
+  Causal on raw (cache) indices as HF, key slots limited to `kv_valid_bs`
+  and, for packed rows, to the query's own document. Built once per forward
+  and broadcast to every layer, so segment ids cost one compare per
+  forward, not one per layer.
+  """
+  q_idx_t = ctx['q_index_t']
+  k_idx_s = jnp.arange(ctx['kv_valid_bs'].shape[1])
+  allowed_bts = ((k_idx_s[None, :] <= q_idx_t[:, None])[None] &
+                 ctx['kv_valid_bs'][:, None, :])
+  if 'segment_ids_bt' in ctx:  # packed rows: no attention across documents
+    seg_bt = ctx['segment_ids_bt']
+    allowed_bts &= seg_bt[:, :, None] == seg_bt[:, None, :]
+  return allowed_bts
 
 
 class Attention(nn.Module):
@@ -187,16 +266,16 @@ class Attention(nn.Module):
                                             v_bske.astype(dt), start)
       new_cache = {'cache_k': k_bske, 'cache_v': v_bske}
 
-    # Causal, sliding-window and padding masks on raw (cache) indices, as HF.
-    q_idx_t = ctx['q_index_t']
-    k_idx_s = jnp.arange(k_bske.shape[1])
-    allowed_ts = k_idx_s[None, :] <= q_idx_t[:, None]
-    window = per_layer['window']
-    allowed_ts &= (window <= 0) | (k_idx_s[None, :] > q_idx_t[:, None] - window)
-    allowed_bts = allowed_ts[None] & ctx['kv_valid_bs'][:, None, :]
-    if 'segment_ids_bt' in ctx:  # packed rows: no attention across documents
-      seg_bt = ctx['segment_ids_bt']
-      allowed_bts &= seg_bt[:, :, None] == seg_bt[:, None, :]
+    # The causal / padding / document mask is built once per forward
+    # (attention_mask); only a sliding window, which differs per layer, is
+    # applied here, and only in models that have one.
+    allowed_bts = ctx['allowed_bts']
+    if any(w > 0 for w in cfg.sliding_windows):
+      q_idx_t = ctx['q_index_t']
+      k_idx_s = jnp.arange(k_bske.shape[1])
+      window = per_layer['window']
+      allowed_bts &= ((window <= 0) |
+                      (k_idx_s[None, :] > q_idx_t[:, None] - window))[None]
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q_btkge = q_bthe.reshape(batch, tokens, cfg.num_kv_heads, groups,
@@ -278,12 +357,18 @@ class Decoder(nn.Module):
   """Embedding, scanned decoder layers, final norm and (optional) lm_head.
 
   `__call__` returns `(logits_btv or hidden_btd, stats, cache)`; see
-  forward.apply for the public, pure entry point.
+  forward.apply for the public, pure entry point. With `scan_layers=False`
+  the layers are unrolled, each with its own params `layers_0`, `layers_1`,
+  ... (forward.unstack_layers): a loop that runs the model many times on
+  the same weights (greedy decoding) slices them once instead of copying
+  every layer's weights out of the stacked arrays on every step, which is
+  what XLA:CPU does for a scan (and for static slices too).
   """
 
   cfg: ModelConfig
   capture: capture_lib.CaptureSpec | None = None
   compute_logits: bool = True
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, tokens_bt, ctx, cache=None):
@@ -293,18 +378,27 @@ class Decoder(nn.Module):
     x_btd = embed(tokens_bt)
     x_btd = sharding.constrain_activation(x_btd, ('batch', 'length', 'embed'))
 
+    ctx = dict(ctx, allowed_bts=attention_mask(ctx))
     per_layer = {'window': jnp.asarray(cfg.sliding_windows, jnp.int32)}
     if cache is not None:
       per_layer['cache_k'], per_layer['cache_v'] = cache['k'], cache['v']
-    layers = nn.scan(
-        DecoderLayer,
-        variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=(nn.broadcast, 0),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-    )(cfg, self.capture, name='layers')
-    x_btd, ys = layers(x_btd, ctx, per_layer)
+    if self.scan_layers:
+      layers = nn.scan(
+          DecoderLayer,
+          variable_axes={'params': 0, 'slices': 0},
+          split_rngs={'params': True},
+          in_axes=(nn.broadcast, 0),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(cfg, self.capture, name='layers')
+      x_btd, ys = layers(x_btd, ctx, per_layer)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        x_btd, y = DecoderLayer(cfg, self.capture, name=f'layers_{i}')(
+            x_btd, ctx, jax.tree.map(lambda a, i=i: a[i], per_layer))
+        outs.append(y)
+      ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     new_cache = None
     if cache is not None:
       new_cache = {'k': ys['cache_k'], 'v': ys['cache_v']}

@@ -5,7 +5,9 @@ Everything outside model.py talks to the decoder through these functions:
   logical_axes(cfg)          logical axis names per param leaf
   init_params(cfg, rng)      random params (tests, toy training)
   apply(params, tokens, cfg) -> Output(logits, stats, cache)
-  stack_params([p1, p2..])   one tree with a leading `[M]` models axis
+  unstack_layers(params)     the same params with the layers unrolled
+  stack_params([p1, p2..])   one tree with a `[M]` models axis (leading, or
+                             second under `layers` when layer_major)
   apply_models(stacked, ...) one `jax.vmap`ped forward over all M models
   init_cache(cfg, B, S)      an empty KV cache for greedy decoding
 Params are nested dicts keyed by HF-like names (`layers.self_attn.q_proj.
@@ -129,27 +131,59 @@ def apply(params: Params,
           cache: dict[str, jax.Array] | None = None,
           cache_index: jax.Array | int = 0,
           kv_valid_bs: jax.Array | None = None,
-          segment_ids_bt: jax.Array | None = None) -> Output:
+          segment_ids_bt: jax.Array | None = None,
+          slices: Params | None = None) -> Output:
   """Pure forward of one model. See `make_ctx` for the mask arguments.
 
   With `capture`, statistics of the chosen sites are reduced in-graph over
   `token_mask_bt` (default: non-padding tokens) and returned in float32.
+  `slices` (train.optim builds it) is a tree like the params' linear
+  modules, `{'delta_cols'|'delta_rows': zeros [L, ...], 'idx_cols'|
+  'idx_rows': [L, k]}`, through which only the selected kernel columns/rows
+  get weight gradients (decoder.dot_slice_grads).
   """
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones(tokens_bt.shape, jnp.int32)
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
                  kv_valid_bs, segment_ids_bt)
-  model = Decoder(cfg, capture, compute_logits)
-  logits, stats, new_cache = model.apply({'params': params}, tokens_bt, ctx,
-                                         cache)
+  model = Decoder(cfg, capture, compute_logits,
+                  scan_layers='layers' in params)
+  variables = {'params': params}
+  if slices:
+    variables['slices'] = slices
+  logits, stats, new_cache = model.apply(variables, tokens_bt, ctx, cache)
   if capture is not None:
     stats = dict(stats)
     stats['count'] = jnp.sum(ctx['token_mask_bt'])
   return Output(logits, stats, new_cache)
 
 
-def stack_params(params_list: Sequence[Params]) -> Params:
-  """Stacks related models' params on a new leading `[M]` axis.
+def _models_axes(tree: Params, layer_major: bool) -> dict[str, int]:
+  """Per top-level key, the position of the models axis (a vmap in_axes
+  prefix): 1 for the scanned `layers` leaves when layer_major, else 0."""
+  return {k: int(layer_major and k == 'layers') for k in tree}
+
+
+def unstack_layers(params: Params) -> Params:
+  """The unrolled-layers tree: `layers` `[L, ...]` leaves split into
+  `layers_0 .. layers_{L-1}` (one copy; `apply` accepts either tree)."""
+  layers = params['layers']
+  num = jax.tree.leaves(layers)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(num):
+    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], layers)
+  return out
+
+
+def stack_params(params_list: Sequence[Params],
+                 layer_major: bool = False) -> Params:
+  """Stacks related models' params on a new `[M]` models axis.
+
+  Leading by default. With `layer_major`, the scanned layer leaves get it
+  second (`[L, M, ...]`): the layer scan inside `apply_models` then slices
+  all models' weights of one layer without the per-call transpose of every
+  layer weight that vmapping a scan over `[M, L, ...]` costs (XLA copies
+  them to `[L, M, ...]` on every call).
 
   Raises:
     ValueError naming the first leaf whose structure or shape differs.
@@ -167,26 +201,51 @@ def stack_params(params_list: Sequence[Params]) -> Params:
         raise ValueError(
             f'model {i}: param {jax.tree_util.keystr(path)} is '
             f'{b.shape} {b.dtype}, model 0 has {a.shape} {a.dtype}')
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
+  axes = _models_axes(first, layer_major)
+  return {k: jax.tree.map(lambda *xs, a=axes[k]: jnp.stack(xs, axis=a),
+                          *[p[k] for p in params_list]) for k in first}
 
 
-def unstack_params(stacked: Params, index: int) -> Params:
+def to_layer_major(stacked: Params) -> Params:
+  """A leading-`[M]` stacked tree in the layer-major layout (one copy)."""
+  return {k: (jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), v)
+              if k == 'layers' else v) for k, v in stacked.items()}
+
+
+def unstack_params(stacked: Params, index: int,
+                   layer_major: bool = False) -> Params:
   """Model `index` of a stacked tree."""
-  return jax.tree.map(lambda x: x[index], stacked)
+  axes = _models_axes(stacked, layer_major)
+  return {k: jax.tree.map(lambda x, a=axes[k]: jnp.take(x, index, axis=a), v)
+          for k, v in stacked.items()}
+
+
+def stacked_logical_axes(cfg: ModelConfig, layer_major: bool = False
+                        ) -> Params:
+  """`logical_axes(cfg)` with the stacked tree's `'models'` axis inserted."""
+  def insert(names, at):
+    return names[:at] + ('models',) + names[at:]
+  tree = logical_axes(cfg)
+  axes = _models_axes(tree, layer_major)
+  return {k: jax.tree.map(lambda n, a=axes[k]: insert(n, a), v,
+                          is_leaf=lambda n: isinstance(n, tuple))
+          for k, v in tree.items()}
 
 
 def apply_models(stacked: Params, tokens_bt: jax.Array, cfg: ModelConfig,
-                 **kwargs) -> Output:
+                 *, layer_major: bool = False, **kwargs) -> Output:
   """One `jax.vmap`ped forward of all M stacked models on the same tokens.
 
   The vmap axis is named `'models'`, so `CaptureSpec(pairwise=True)` can
   compare the models token by token. Every output leaf gets a leading `[M]`.
+  `layer_major` says `stacked` is in that layout (see `stack_params`).
   """
 
   def one(p):
     return apply(p, tokens_bt, cfg, **kwargs)
 
-  return jax.vmap(one, axis_name=capture_lib.MODELS_AXIS)(stacked)
+  return jax.vmap(one, in_axes=(_models_axes(stacked, layer_major),),
+                  axis_name=capture_lib.MODELS_AXIS)(stacked)
 
 
 def init_cache(cfg: ModelConfig, batch: int,

@@ -25,10 +25,16 @@ from act_jax.model.config import ModelConfig
 
 @functools.partial(jax.jit,
                    static_argnames=('cfg', 'max_new_tokens', 'stop_ids',
-                                    'pad_id'))
+                                    'pad_id', 'unroll'))
 def _generate(params, prompt_bt, mask_bt, *, cfg: ModelConfig,
-              max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
+              max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int,
+              unroll: bool = True):
   batch, plen = prompt_bt.shape
+  # The decode loop runs the unrolled layers on weights sliced once per call:
+  # it then reads each layer's weights in place, where the scanned layers
+  # copied all of them out of the stacked arrays for every token (XLA:CPU).
+  # The prefill, one pass, keeps the scan (a quarter of the compile time).
+  step_params = forward.unstack_layers(params) if unroll else params
   cache = forward.init_cache(cfg, batch, plen + max_new_tokens)
   kv_valid_bs = jnp.concatenate(
       [mask_bt.astype(jnp.int32),
@@ -50,7 +56,7 @@ def _generate(params, prompt_bt, mask_bt, *, cfg: ModelConfig,
     for s in stop_ids:
       done_b = done_b | (tok_b == s)
     step = forward.apply(
-        params, tok_b[:, None], cfg,
+        step_params, tok_b[:, None], cfg,
         attention_mask_bt=jnp.ones((batch, 1), jnp.int32),
         positions_bt=(lengths_b + i)[:, None], cache=cache,
         cache_index=plen + i, kv_valid_bs=kv_valid_bs)
@@ -65,7 +71,8 @@ def _generate(params, prompt_bt, mask_bt, *, cfg: ModelConfig,
 def greedy_generate(params, cfg: ModelConfig, prompt_bt, mask_bt, *,
                     max_new_tokens: int,
                     stop_ids: int | Sequence[int] | None = None,
-                    pad_id: int = 0, mesh=None) -> jax.Array:
+                    pad_id: int = 0, mesh=None,
+                    unroll_decode: bool = True) -> jax.Array:
   """Greedy continuation `[B, max_new_tokens]` of left-padded prompts.
 
   Args:
@@ -79,6 +86,9 @@ def greedy_generate(params, cfg: ModelConfig, prompt_bt, mask_bt, *,
     pad_id: written after a row's stop token.
     mesh: optional mesh: params sharded per logical axes, batch over
       ('data', 'fsdp').
+    unroll_decode: decode with unrolled layers on weights sliced once
+      (faster per token; False keeps the scanned layers: less compile time,
+      no second copy of the layer weights while generating).
 
   Returns:
     The generated ids `[B, max_new_tokens]` on device (not fetched, so a
@@ -111,22 +121,26 @@ def greedy_generate(params, cfg: ModelConfig, prompt_bt, mask_bt, *,
     with sharding.activation_sharding(mesh):
       out = _generate(params, prompt_bt, mask_bt, cfg=cfg,
                       max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                      pad_id=pad_id)
+                      pad_id=pad_id, unroll=unroll_decode)
   else:
     out = _generate(params, prompt_bt, mask_bt, cfg=cfg,
                     max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                    pad_id=pad_id)
+                    pad_id=pad_id, unroll=unroll_decode)
   return out
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0,
-             multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads id lists to a common length (rounded up to `multiple`, so
-  batches of similar length share one compiled program)."""
+             multiple: int = 8,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads id lists to a common length (`length`, else the longest
+  rounded up to `multiple`, so batches of similar length share one compiled
+  program)."""
   if not seqs or any(len(s) == 0 for s in seqs):
     raise ValueError('every prompt needs at least one token')
   n = max(len(s) for s in seqs)
-  n = -(-n // multiple) * multiple
+  n = -(-n // multiple) * multiple if length is None else length
+  if n < max(len(s) for s in seqs):
+    raise ValueError(f'left_pad: length {n} is shorter than a prompt')
   tokens = np.full((len(seqs), n), pad_id, np.int32)
   mask = np.zeros((len(seqs), n), np.int32)
   for i, s in enumerate(seqs):
@@ -141,15 +155,25 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                  mesh=None) -> list[list[int]]:
   """Greedy continuations of token-id prompts, each cut at its first stop id.
 
-  Every batch holds `batch_size` prompts (the last one filled with copies,
-  so one program serves them all) and is dispatched before any result is
-  fetched: the host never waits between batches.
+  Every batch holds `batch_size` prompts (the last one filled with copies)
+  left-padded to a power of two (at least 8, at most the longest prompt of
+  the call rounded up to 8), so a few compiled programs serve them all, and
+  is dispatched before any result is fetched: the host never waits between
+  batches.
   """
+  if not prompts:
+    raise ValueError('generate_ids: no prompts')
+  if mesh is not None:  # placed once, not once per batch
+    params = jax.device_put(params, sharding.tree_shardings(
+        mesh, forward.logical_axes(cfg), params))
+  cap = -(-max(len(p) for p in prompts) // 8) * 8
   outs = []
   for b0 in range(0, len(prompts), batch_size):
     chunk = [list(p) for p in prompts[b0:b0 + batch_size]]
     ids = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    tokens, mask = left_pad(ids, pad_id)
+    longest = max(len(p) for p in ids)
+    length = min(cap, max(8, 1 << (longest - 1).bit_length()))
+    tokens, mask = left_pad(ids, pad_id, length=length)
     outs.append((len(chunk), greedy_generate(
         params, cfg, tokens, mask, max_new_tokens=max_new_tokens,
         stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)))

@@ -592,6 +592,10 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
       sub = os.path.join(job.name, cand.file)
       if ctx.sub_done(sub):
         continue
+      logging.info('evaluate %s: %d/%d %s started (ETA %s)', job.name, n,
+                   len(cands), cand.name,
+                   f'{(time.time() - t0) / done * (len(cands) - n + 1):.0f}s'
+                   if done else 'after the first candidate')
       t1 = time.time()
       info: dict[str, Any] = {'candidate': dataclasses.asdict(cand)}
       if cand.name in primary:

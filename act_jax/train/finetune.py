@@ -5,7 +5,8 @@
     over ('data', 'fsdp'), optimizer state following its params;
   - loss = mean next-token cross-entropy over loss-mask targets (float32),
     gradient accumulation by an in-step `lax.scan` over micro-batches (the
-    exact full-batch gradient; no extra optimizer state);
+    exact full-batch gradient; no extra optimizer state); weight gradients
+    only for trainable slices and none for frozen leaves (see optim.py);
   - orbax checkpoints every `save_every` steps (params, opt state, step, data
     position, rng) in `workdir/checkpoints`; a rerun resumes from the latest
     one and, since the data order is a function of the step, ends with the
@@ -201,10 +202,34 @@ class BatchSource:
 # ------------------------------------------------------------------ step
 
 
-def _masked_norm(grads, opt: optim.Optimizer, masks):
+def _grad_norm(grads, compact, opt: optim.Optimizer, masks):
+  """Global norm of the trainable entries' gradients (dense + slices)."""
   if opt.kinds is None:
     return optax.tree.norm(grads)
-  return optax.tree.norm(optim.mask_tree(grads, opt.kinds, masks['write']))
+  dense = {k: v for k, v in opt.kinds.items()}
+  for k in opt.slices:  # their dense leaves hold no gradient
+    dense[k] = 'none'
+  sq = optax.tree.norm(optim.mask_tree(grads, dense, masks['write']),
+                       squared=True)
+  if compact:
+    sq = sq + optax.tree.norm(compact, squared=True)
+  return jnp.sqrt(sq)
+
+
+def _stop_frozen(params, opt: optim.Optimizer):
+  """Params whose frozen leaves (and slice kernels, which get their
+  gradients through the probes) carry no gradient: autodiff then never
+  builds their weight gradients."""
+  if opt.kinds is None:
+    return params
+
+  def one(path, x):
+    k = optim.path_key(path)
+    if opt.kinds[k] == 'none' or k in opt.slices:
+      return jax.lax.stop_gradient(x)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
@@ -213,21 +238,26 @@ def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
 
   `masks` is `opt.masks` (the channel set as data, so one compiled step
   serves every channel set of the same structure). Not jitted here (see
-  `compiled_step`). A non-finite loss/grad-norm returns the input state
-  unchanged with `metrics['ok'] = False`.
+  `compiled_step`). Kernels in `opt.slices` get weight gradients only for
+  their selected columns/rows (zero probes through `forward.apply(...,
+  slices=)`), frozen leaves none at all. A non-finite loss/grad-norm
+  returns the input state unchanged with `metrics['ok'] = False`.
   """
   ccfg = cfg.replace(dtype=compute_dtype)
 
   def step_fn(params, opt_state, batch, step, masks):
     weights = losses.target_weights(batch)
     total = jnp.maximum(jnp.sum(weights), 1.0)
+    probes = optim.slice_probes(opt, params, masks) if opt.slices else {}
 
-    def micro_loss(p, mb):
-      s, _ = losses.nll_sum(p, mb, ccfg)
+    def micro_loss(p, pr, mb):
+      sl = optim.slices_tree(pr, opt, masks) if opt.slices else None
+      s, _ = losses.nll_sum(_stop_frozen(p, opt), mb, ccfg, slices=sl)
       return s / total
 
+    grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
     if grad_accum == 1:
-      loss, grads = jax.value_and_grad(micro_loss)(params, batch)
+      loss, (grads, compact) = grad_fn(params, probes, batch)
     else:
       # Row r goes to micro-batch r % A, so each device keeps its own rows.
       micro = jax.tree.map(
@@ -236,23 +266,26 @@ def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
               0, 1), batch)
 
       def body(carry, mb):
-        l, g = jax.value_and_grad(micro_loss)(params, mb)
+        l, g = grad_fn(params, probes, mb)
         return jax.tree.map(jnp.add, carry, (l, g)), None
 
       zero = (jnp.zeros((), jnp.float32),
-              jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(body, zero, micro)
-    grad_norm = _masked_norm(grads, opt, masks)
-    updates, new_state = opt.tx.update(grads, opt_state, params, masks=masks)
-    new_params = optim.apply_updates(params, updates, opt.kinds,
-                                     masks.get('write'))
+              jax.tree.map(jnp.zeros_like, (params, probes)))
+      (loss, (grads, compact)), _ = jax.lax.scan(body, zero, micro)
+    if opt.slices:
+      compact = optim.zero_slice_padding(compact, opt, masks)
+    grad_norm = _grad_norm(grads, compact, opt, masks)
+    updates, new_state = opt.tx.update(grads, opt_state, params, masks=masks,
+                                       **({'compact': compact}
+                                          if opt.slices else {}))
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b),
-                                         new, old)
+    new_params = opt.apply(params, updates, masks, ok)
+    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state,
+                             opt_state)
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'lr': jnp.asarray(opt.schedule(step), jnp.float32),
                'tokens': jnp.sum(batch['attention_mask_bt']), 'ok': ok}
-    return keep(new_params, params), keep(new_state, opt_state), metrics
+    return new_params, new_state, metrics
 
   return step_fn
 

@@ -17,7 +17,17 @@ by `scope`:
             it.
 `lean=True` (channels scope only) keeps Adam state only for the selected
 slices: per leaf the selected columns/rows are gathered into compact arrays,
-AdamW runs on those, and the updates are scattered back (see `lean_adamw`).
+AdamW runs on those, and `Optimizer.apply` writes the compact updates into
+the selected entries only (a scatter-set, see `lean_adamw`).
+
+Slice gradients (channels scope, `make_optimizer(..., slice_grads=True)`,
+the default): a layer kernel whose selection is whole columns (or rows) per
+layer gets its weight gradient only for those slices, through a zero probe
+(`slice_probes`, `slices_tree`, model.decoder.dot_slice_grads), and frozen
+leaves get none: with a few percent of channels trainable this skips about
+a third of a step's FLOPs. The compact gradients feed lean state directly;
+full state scatters them into its dense leaves first. `slice_grads=False`
+keeps dense gradients, the reference the tests compare with.
 
 The mask is an ARGUMENT of the update, not a constant inside it: what is
 static is only which leaves are wholly trainable, wholly frozen or partly
@@ -207,20 +217,40 @@ def mask_tree(tree, kinds, masks):
   return _select(tree, kinds, masks, one)
 
 
-def masked_updates(kinds: dict[str, str]
+def masked_updates(kinds: dict[str, str],
+                   slices: dict[str, bool] | None = None
                   ) -> optax.GradientTransformationExtraArgs:
   """Multiplies updates by the mask given as `update(..., masks=...)`.
 
   Used first on the gradients and last on the final updates. Leaves that are
-  wholly trainable pass through, wholly frozen ones become zeros.
+  wholly trainable pass through, wholly frozen ones become zeros. Given
+  `slices` (the first use), slice gradients passed as `update(...,
+  compact=...)` are first scattered into their dense leaves.
   """
 
-  def update(updates, state, params=None, *, masks=None, **extra):
+  def update(updates, state, params=None, *, masks=None, compact=None,
+             **extra):
     del params, extra
+    if compact and slices is not None:  # slice gradients into dense leaves
+      updates = expand_compact(updates, compact, masks, slices)
     return mask_tree(updates, kinds, (masks or {}).get('write')), state
 
   return optax.GradientTransformationExtraArgs(
       lambda p: optax.EmptyState(), update)
+
+
+def expand_compact(tree, compact: dict[str, Any], masks,
+                   slices: dict[str, bool]) -> Params:
+  """`tree` with the leaves named in `compact` replaced by those compact
+  slices scattered into zeros (the full-state optimizer's dense layout)."""
+  def one(path, x):
+    k = path_key(path)
+    if k not in compact:
+      return x
+    g = _Gather('axis', 1 if slices[k] else 2, masks['idx'][k],
+                masks['valid'][k], True)
+    return _scatter(compact[k], g, x)
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def apply_updates(params: Params, updates: Params,
@@ -375,40 +405,103 @@ def lean_adamw(inner: optax.GradientTransformation,
     return _Gather(kind, axis, masks['idx'].get(key),
                    masks['valid'].get(key), stacked)
 
-  def compact(tree, masks, zero_padding=False):
+  def init(params):
+    return inner.init(compact_tree(params, init_masks))
+
+  def update(updates, state, params=None, *, masks=None, compact=None,
+             **extra):
+    del extra
+    cu = compact_tree(updates, masks, zero_padding=True, given=compact)
+    cp = None if params is None else compact_tree(params, masks)
+    return inner.update(cu, state, cp)
+
+  def compact_tree(tree, masks, zero_padding=False, given=None):
+    given = given or {}
+
     def one(path, x):
-      g = plan(path_key(path), masks)
-      if g.kind == 'none':
-        return None
-      c = _gather(x, g)
-      if zero_padding and g.kind == 'axis':  # padding must not feed the clip
-        shape = [1] * x.ndim
-        if g.stacked:
-          shape[0], shape[g.axis] = g.valid.shape
-        else:
-          shape[g.axis] = g.valid.shape[0]
-        c = jnp.where(jnp.asarray(g.valid).reshape(shape), c, 0)
-      return c
+      k = path_key(path)
+      return given[k] if k in given else gather(k, x, masks, zero_padding)
+
     return jax.tree_util.tree_map_with_path(one, tree)
 
-  def init(params):
-    return inner.init(compact(params, init_masks))
+  def gather(key, x, masks, zero_padding):
+    g = plan(key, masks)
+    if g.kind == 'none':
+      return None
+    c = _gather(x, g)
+    if zero_padding and g.kind == 'axis':  # padding must not feed the clip
+      c = jnp.where(_valid_like(g, x), c, 0)
+    return c
 
-  def update(updates, state, params=None, *, masks=None, **extra):
-    del extra
-    cu = compact(updates, masks, zero_padding=True)
-    cp = None if params is None else compact(params, masks)
-    new_cu, state = inner.update(cu, state, cp)
-
-    def back(path, x):
-      g = plan(path_key(path), masks)
+  def apply(params, updates, masks, ok):
+    """Writes the compact updates into `params`: only selected entries are
+    touched (a scatter-set; padding slots are dropped), so frozen entries
+    stay bitwise; nothing changes where `ok` is False."""
+    def one(path, p):
+      k = path_key(path)
+      g = plan(k, masks)
       if g.kind == 'none':
-        return jnp.zeros_like(x)
-      return _scatter(_leaf_at(new_cu, path), g, x)
+        return p
+      u = _leaf_at(updates, path)
+      old = _gather(p, g)
+      new = jnp.where(ok, (old.astype(jnp.float32) +
+                           u.astype(jnp.float32)).astype(p.dtype), old)
+      return _scatter_set(p, new, g)
+    return jax.tree_util.tree_map_with_path(one, params)
 
-    return jax.tree_util.tree_map_with_path(back, updates), state
+  return LeanTransformation(init, update, apply)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+
+class LeanTransformation(NamedTuple):
+  """`lean_adamw`'s optax-style pair plus `apply(params, compact updates,
+  masks, ok)`: its updates are compact (the selected slices only)."""
+  init: Callable
+  update: Callable
+  apply: Callable
+
+
+def _valid_like(g: _Gather, x):
+  """`g.valid` broadcastable against the gathered slices of leaf `x`."""
+  shape = [1] * x.ndim
+  if g.stacked:
+    shape[0], shape[g.axis] = g.valid.shape
+  else:
+    shape[g.axis] = g.valid.shape[0]
+  return jnp.asarray(g.valid).reshape(shape)
+
+
+def _scatter_set(p, new, g: _Gather):
+  """`p` with its selected entries set to `new` (gathered layout)."""
+  if g.kind == 'all':
+    return new
+  if g.kind == 'flat':
+    return p.reshape(-1).at[g.idx].set(new).reshape(p.shape)
+  # Padding slots repeat a real index: send them out of bounds and drop
+  # them, so every real entry is written exactly once (deterministic).
+  idx = jnp.where(_valid_like(g, p), _index_like(g, p), p.shape[g.axis])
+  if g.stacked:
+    layer = jnp.broadcast_to(
+        jnp.arange(p.shape[0]).reshape([-1] + [1] * (p.ndim - 1)), new.shape)
+    index = [layer] + [
+        jnp.broadcast_to(jnp.arange(new.shape[a]).reshape(
+            [1] * a + [-1] + [1] * (p.ndim - a - 1)), new.shape)
+        for a in range(1, p.ndim)]
+    index[g.axis] = jnp.broadcast_to(idx, new.shape)
+    return p.at[tuple(index)].set(new, mode='drop')
+  index = [slice(None)] * p.ndim
+  index[g.axis] = idx.reshape(-1)
+  return p.at[tuple(index)].set(new, mode='drop')
+
+
+def _index_like(g: _Gather, x):
+  """`g.idx` broadcastable against the gathered slices of leaf `x`."""
+  shape = [1] * x.ndim
+  idx = jnp.asarray(g.idx)
+  if g.stacked:
+    shape[0], shape[g.axis] = idx.shape
+  else:
+    shape[g.axis] = idx.shape[0]
+  return idx.reshape(shape)
 
 
 def _leaf_at(tree, path):
@@ -423,20 +516,30 @@ def _leaf_at(tree, path):
 class Optimizer(NamedTuple):
   """What the train step needs.
 
-  tx: `init(params)` / `update(grads, state, params, masks=masks)`.
+  tx: `init(params)` / `update(grads, state, params, masks=masks,
+    compact=slice_grads)`.
   kinds: static `{leaf path: 'all' | 'none' | 'part'}`; None = every param
     moves (scope full).
-  masks: the step's mask argument: `{'write': {path: bool}}` plus, for lean,
-    `'idx'` / `'valid'` gather indices; `{}` for scope full.
+  masks: the step's mask argument: `{'write': {path: bool}}` plus, for lean
+    and slice gradients, `'idx'` / `'valid'` gather indices; `{}` for scope
+    full.
   schedule: the lr schedule.
   static: hashable description of everything the compiled step depends on
     besides shapes (the jitted step is cached by it).
+  slices: static `{leaf path: rows?}`: the kernels whose weight gradients
+    the step computes only for the selected columns (rows when True), fed to
+    `tx.update` as `compact=` (see `slice_probes`); `{}` = dense gradients.
+  apply: `(params, updates, masks, ok) -> params`: writes `tx`'s updates
+    (compact ones for lean) into the trainable entries only, and changes
+    nothing when `ok` is False.
   """
   tx: optax.GradientTransformation
   kinds: dict[str, str] | None
   masks: dict[str, Any]
   schedule: Callable[[Any], Any]
   static: Any
+  slices: dict[str, bool]
+  apply: Callable[..., Params]
 
 
 def _adamw(train_cfg, schedule) -> optax.GradientTransformation:
@@ -451,26 +554,38 @@ def _adamw(train_cfg, schedule) -> optax.GradientTransformation:
 
 def build_tx(train_cfg, kinds: dict[str, str] | None,
              lean_static: dict[str, tuple[str, int, bool]] | None = None,
-             lean_init: dict[str, Any] | None = None):
-  """(tx, schedule) from the static structure; mask values come later, as
-  `update(..., masks=...)` (lean: `lean_init` for the state's shapes)."""
+             lean_init: dict[str, Any] | None = None,
+             slices: dict[str, bool] | None = None):
+  """(tx, schedule, apply) from the static structure; mask values come
+  later, as `update(..., masks=...)` (lean: `lean_init` for the state's
+  shapes); `apply` as `Optimizer.apply`."""
   schedule = make_schedule(train_cfg)
   inner = _adamw(train_cfg, schedule)
   if kinds is None:
-    return inner, schedule
+    def apply_all(params, updates, masks, ok):
+      del masks
+      return jax.tree.map(lambda p, n: jnp.where(ok, n, p), params,
+                          optax.apply_updates(params, updates))
+    return inner, schedule, apply_all
   if lean_static is not None:
-    return lean_adamw(inner, lean_static, lean_init), schedule
+    tx = lean_adamw(inner, lean_static, lean_init)
+    return tx, schedule, tx.apply
   # Leaves with no selected entry keep no state (set_to_zero), the rest keep
   # full-shape moments of which only the masked entries ever become nonzero.
   # The mask is applied before the chain (so clipping sees only trainable
   # gradients) and to the final updates (so weight decay cannot leak).
   labels = _labels_tree(kinds)
   tx = optax.chain(
-      masked_updates(kinds),
+      masked_updates(kinds, slices),
       optax.multi_transform({'train': inner, 'freeze': optax.set_to_zero()},
                             labels),
       masked_updates(kinds))
-  return tx, schedule
+
+  def apply_dense(params, updates, masks, ok):
+    new = apply_updates(params, updates, kinds, masks.get('write'))
+    return jax.tree.map(lambda n, p: jnp.where(ok, n, p), new, params)
+
+  return tx, schedule, apply_dense
 
 
 def _labels_tree(kinds: dict[str, str]):
@@ -482,7 +597,64 @@ def _labels_tree(kinds: dict[str, str]):
   return labels
 
 
-def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
+def slice_leaves(plans: dict[str, _Gather]) -> dict[str, bool]:
+  """`{leaf path: rows?}` of the layer kernels whose selection is whole
+  columns (rows) per layer: their weight gradients can be computed as
+  slices. Other partly trainable leaves (biases, coupled rows + columns)
+  keep dense gradients."""
+  out = {}
+  for k, g in plans.items():
+    if (g.kind == 'axis' and g.stacked and k.startswith('layers.') and
+        k.endswith('.kernel') and g.axis in (1, 2) and
+        np.asarray(g.idx).ndim == 2):
+      out[k] = g.axis == 1
+  return out
+
+
+def slice_probes(opt: Optimizer, params: Params, masks) -> dict[str, Any]:
+  """Zero probes `{leaf path: [L, d_in, k] | [L, k, d_out]}`, in the
+  params' dtype, whose gradients are the selected slices' weight
+  gradients (see `slices_tree`)."""
+  out = {}
+  flat = {path_key(p): x for p, x in
+          jax.tree_util.tree_leaves_with_path(params)}
+  for k, rows in opt.slices.items():
+    x = flat[k]
+    n = masks['idx'][k].shape[1]
+    shape = ((x.shape[0], n, x.shape[2]) if rows else
+             (x.shape[0], x.shape[1], n))
+    out[k] = jnp.zeros(shape, x.dtype)
+  return out
+
+
+def slices_tree(probes: dict[str, Any], opt: Optimizer, masks) -> Params:
+  """The `slices` tree `forward.apply` takes: per module
+  `{'delta_cols'|'delta_rows': probe, 'idx_cols'|'idx_rows': [L, k]}`."""
+  tree: Params = {}
+  for k, rows in opt.slices.items():
+    node = tree
+    for name in k.split('.')[:-1]:  # drop 'kernel'
+      node = node.setdefault(name, {})
+    kind = 'rows' if rows else 'cols'
+    node[f'delta_{kind}'] = probes[k]
+    node[f'idx_{kind}'] = masks['idx'][k]
+  return tree
+
+
+def zero_slice_padding(grads: dict[str, Any], opt: Optimizer, masks):
+  """Slice gradients with the padding slots (layers that select fewer
+  entries than the widest) zeroed, as the optimizer expects them."""
+  out = {}
+  for k, g in grads.items():
+    valid = masks['valid'][k]
+    shape = ((valid.shape[0], valid.shape[1], 1) if opt.slices[k] else
+             (valid.shape[0], 1, valid.shape[1]))
+    out[k] = jnp.where(valid.reshape(shape), g, jnp.zeros((), g.dtype))
+  return out
+
+
+def make_optimizer(train_cfg, params: Params, mask=None,
+                   slice_grads: bool = True) -> Optimizer:
   """Builds the optimizer for `train_cfg.scope` (see module docstring).
 
   Args:
@@ -491,6 +663,10 @@ def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
     params: the params (or ShapeDtypeStructs) to train.
     mask: bool pytree aligned with params (True = trainable) or a compact
       channel mask `{site: [L, C]}`; required for `channels` and `modules`.
+    slice_grads: scope channels: compute the weight gradients of kernels
+      whose selection is whole columns (or rows) per layer only for those
+      slices (`Optimizer.slices`); False = dense gradients, then masked
+      (the reference the equality tests compare with).
 
   Raises:
     ValueError for an unknown scope, a missing or empty mask, or lean with a
@@ -504,8 +680,8 @@ def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
     raise ValueError(f'train.lean=True needs train.scope=channels, got '
                      f'{scope!r}')
   if scope == 'full':
-    tx, schedule = build_tx(train_cfg, None, None)
-    return Optimizer(tx, None, {}, schedule, ('full',))
+    tx, schedule, apply = build_tx(train_cfg, None, None)
+    return Optimizer(tx, None, {}, schedule, ('full',), {}, apply)
   if mask is None:
     raise ValueError(f'train.scope={scope!r} needs a channel mask')
   mask = normalize_mask(mask, params)
@@ -515,15 +691,22 @@ def make_optimizer(train_cfg, params: Params, mask=None) -> Optimizer:
     mask = module_mask(mask, params)
   kinds = leaf_kinds(mask)
   masks = {'write': mask_args(mask, kinds)}
-  lean_static = None
-  if lean:
+  lean_static, slices = None, {}
+  if lean or (slice_grads and scope == 'channels'):
     plans = plan_lean(mask, params)
-    lean_static = {k: g.static for k, g in plans.items()}
+    if slice_grads and scope == 'channels':
+      slices = slice_leaves(plans)
+    if lean:
+      lean_static = {k: g.static for k, g in plans.items()}
+    else:  # full state: only the slice leaves' indices travel
+      plans = {k: g for k, g in plans.items() if k in slices}
     masks.update(lean_args(plans))
-  tx, schedule = build_tx(train_cfg, kinds, lean_static, masks)
+  tx, schedule, apply = build_tx(train_cfg, kinds, lean_static, masks,
+                                 slices)
   static = (tuple(sorted(kinds.items())),
-            tuple(sorted(lean_static.items())) if lean_static else None)
-  return Optimizer(tx, kinds, masks, schedule, static)
+            tuple(sorted(lean_static.items())) if lean_static else None,
+            tuple(sorted(slices.items())))
+  return Optimizer(tx, kinds, masks, schedule, static, slices, apply)
 
 
 def tree_bytes(tree) -> int:
