@@ -4,6 +4,7 @@ All functions take and return plain param trees (the same API as
 `transfer.transplant`) and run jitted per leaf on device:
   full_copy(target, source)                  the source itself
   linear_interpolation(a, b, t)              (1 - t) a + t b
+  average(models)                            the mean of K models
   task_arithmetic(base, sources, lam)        base + lam * sum_k (s_k - base)
   ties(base, sources, density, lam)          trim each task vector to its
       top-`density` magnitudes per tensor, elect the sign per entry by the
@@ -57,6 +58,22 @@ def linear_interpolation(a, b, t: float = 0.5):
   """(1 - t) * a + t * b, leaf by leaf, in float32."""
   transfer.check_compatible(a, b)
   return _lerp(a, b, t=float(t))
+
+
+@jax.jit
+def _mean(models):
+  return jax.tree.map(
+      lambda *xs: (sum(x.astype(jnp.float32) for x in xs) /
+                   len(xs)).astype(xs[0].dtype), *models)
+
+
+def average(models: Sequence[Any]):
+  """The mean of K models, leaf by leaf, in float32 (merge 'linear')."""
+  if not models:
+    raise transfer.TransferError('no models given')
+  for i, m in enumerate(models[1:], start=1):
+    transfer.check_compatible(models[0], m, f'model {i}')
+  return _mean(tuple(models))
 
 
 def _layered(path) -> bool:

@@ -229,6 +229,7 @@ def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def _place(host: np.ndarray, target: jax.sharding.Sharding | None):
   """Puts a host array onto `target` (or the default device)."""
   if target is None:
+    sharding.note_single_device()
     return jax.device_put(host)
   # Works when the mesh spans processes too: each process fills its shards.
   return jax.make_array_from_callback(host.shape, target,

@@ -5,8 +5,10 @@
 models and abilities jobs name, each ability's rendering, metric and
 matching). `check_models(plan)` reads only small files of each checkpoint
 (config.json or model_config.json, the safetensors index and headers, the
-tokenizer) and fails on a missing directory, an unreadable checkpoint, or
-models that do not share architecture and tokenizer. `check_data(plan)`
+tokenizer) and fails on a missing directory, an unreadable checkpoint,
+models that do not share architecture and tokenizer, or a param dimension
+the mesh does not divide. `check_mesh(plan)` builds the run's mesh after
+checking it against the devices and the batch sizes it shards. `check_data(plan)`
 checks that every data file exists and that its first record has the fields
 its ability reads. Unknown config keys are rejected by `jobs.
 plan_from_config` (and by `config_flags` when overridden).
@@ -18,12 +20,17 @@ import json
 import math
 import os
 
+import jax
+import numpy as np
+
 from act_jax import data
 from act_jax.act import localize
 from act_jax.act import masks as masks_lib
 from act_jax.act import transfer
 from act_jax.eval import metrics as eval_metrics
 from act_jax.io import models as models_io
+from act_jax.model import forward
+from act_jax.model import sharding
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.train import finetune
 
@@ -183,12 +190,65 @@ def check_plan(plan: jobs_lib.Plan) -> None:
               f'({", ".join(sorted(plan.abilities))})')
 
 
-def check_models(plan: jobs_lib.Plan) -> None:
-  """All models exist, are readable, share architecture and tokenizer."""
+def check_models(plan: jobs_lib.Plan,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
+  """All models exist, are readable, share architecture and tokenizer (and
+  `mesh`, if given, divides every param dimension it shards)."""
+  models = {n: plan.models[n] for n in plan.model_names}
   try:
-    models_io.check_related({n: plan.models[n] for n in plan.model_names})
+    cfgs = models_io.check_related(models)
   except models_io.ModelDirError as e:
     raise PreflightError(str(e)) from None
+  if mesh is not None and cfgs:
+    name = next(iter(cfgs))
+    check_model_mesh(cfgs[name], mesh, f'model {name} ({models[name]})')
+
+
+def check_model_mesh(cfg, mesh: jax.sharding.Mesh, where: str) -> None:
+  """Raises PreflightError naming the first param dimension the mesh axis it
+  would be sharded over does not divide (and the mesh)."""
+  bad = sharding.indivisible(mesh, forward.logical_axes(cfg),
+                             forward.abstract_params(cfg))
+  if bad:
+    path, name, size, axes, total = bad[0]
+    raise PreflightError(
+        f'{where}: param {path} has {name} = {size}, which mesh axis '
+        f'{"x".join(axes)} = {total} of --config.mesh_shape='
+        f'{",".join(str(v) for v in mesh.shape.values())} does not divide '
+        f'({len(bad)} such dimensions); choose mesh sizes that divide it')
+
+
+def check_mesh(plan: jobs_lib.Plan) -> jax.sharding.Mesh:
+  """The run's mesh, after checking `mesh_shape` fits this run's devices
+  and divides the batch sizes sharded over ('data', 'fsdp').
+
+  Raises:
+    PreflightError naming the mesh and the device count or the field.
+  """
+  shape = plan.mesh_shape
+  spec = ','.join(str(v) for v in shape)
+  n = jax.device_count()
+  where = (f'the {n} devices of this run ({jax.process_count()} '
+           f'process(es) x {jax.local_device_count()})')
+  known = int(np.prod([v for v in shape if v != -1]))
+  if n % known or (-1 not in shape and known != n):
+    raise PreflightError(f'--config.mesh_shape={spec} ({known} devices) does '
+                         f'not divide {where}')
+  sizes = tuple(n // known if v == -1 else v for v in shape)
+  rows = sizes[0] * sizes[1]
+  batches = [('collect.batch_size', plan.collect.batch_size,
+              plan.collect.batch_size * jax.process_count()),
+             ('train.batch_size', plan.train.batch_size,
+              plan.train.batch_size)]
+  for field, value, total in batches:
+    if total % rows:
+      per = (f' (x {jax.process_count()} processes = {total} rows)'
+             if total != value else '')
+      raise PreflightError(
+          f'--config.{field}={value}{per} does not divide over the mesh '
+          f'batch axes data x fsdp = {sizes[0]} x {sizes[1]} of '
+          f'--config.mesh_shape={spec}')
+  return sharding.make_mesh(sizes)
 
 
 def _first_record(path: str) -> dict | None:

@@ -17,7 +17,8 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
   """Runs the configured stages of `config` into `workdir`.
 
   Everything that can be checked before heavy work is: the config (keys,
-  values, cross references), the stage plan (missing inputs), the models
+  values, cross references), the mesh (`config.mesh_shape` against the
+  devices and the batch sizes), the stage plan (missing inputs), the models
   (architecture, tokenizer; after the case build when there is one) and the
   data files.
 
@@ -27,12 +28,15 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
   workdir = os.path.abspath(workdir)
   plan = jobs.plan_from_config(config, workdir)
   preflight.check_plan(plan)
-  stage_list = stages.make_stages(plan)
+  # The one mesh of the run (config.mesh_shape), built once: every stage
+  # but the case build runs on it.
+  mesh = preflight.check_mesh(plan)
+  stage_list = stages.make_stages(plan, mesh)
   runner.check_plan(stage_list, workdir, plan.stages)
   if not plan.case or runner.is_complete(workdir, 'build_models'):
     # A case's models and data only exist after its build (convert checks
     # the models again).
-    preflight.check_models(plan)
+    preflight.check_models(plan, mesh)
     preflight.check_data(plan)
   records = runner.run_stages(stage_list, workdir, plan.stages)
   report = os.path.join(workdir, 'report.md')
