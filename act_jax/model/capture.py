@@ -8,8 +8,9 @@ normed residual streams, the attention output before `o_proj`, and the SwiGLU
 hidden (the input of `down_proj`, one channel per MLP neuron).
 
 Inside the jitted layer scan each site's activation `h_btc` is reduced over
-the masked tokens to float32 `[C]` vectors; activations never leave the
-device. With `pairwise=True` (the forward must be vmapped over models with
+the masked tokens to float32 `[C]` vectors (dots at `Precision.HIGHEST`,
+so float32 on TPU and GPU too, whatever the global matmul precision);
+activations never leave the device. With `pairwise=True` (the forward must be vmapped over models with
 `axis_name='models'`), every model also gets the token-aligned
 `sum_t |h_i(t) - h_j(t)|` against every model j: `pair_abs_diff [M, C]`.
 """
@@ -95,12 +96,23 @@ def reduce_site(h_btc: jax.Array, mask_bt: jax.Array,
   h = h_btc.astype(jnp.float32)
   m = mask_bt.astype(jnp.float32)
   out = {
-      'sum': jnp.einsum('bt,btc->c', m, h),
-      'sum_abs': jnp.einsum('bt,btc->c', m, jnp.abs(h)),
-      'sum_sq': jnp.einsum('bt,btc->c', m, h * h),
+      'sum': _masked_sum('bt,btc->c', m, h),
+      'sum_abs': _masked_sum('bt,btc->c', m, jnp.abs(h)),
+      'sum_sq': _masked_sum('bt,btc->c', m, h * h),
   }
   if pairwise:
     h_mbtc = jax.lax.all_gather(h, MODELS_AXIS)
-    out['pair_abs_diff'] = jnp.einsum('bt,mbtc->mc', m,
-                                      jnp.abs(h_mbtc - h[None]))
+    out['pair_abs_diff'] = _masked_sum('bt,mbtc->mc', m,
+                                       jnp.abs(h_mbtc - h[None]))
   return out
+
+
+def _masked_sum(spec: str, m, h):
+  """A token-masked sum as a dot, in full float32 on every backend.
+
+  The default matmul precision of a float32 dot is bf16 passes on TPU and
+  TF32 on recent GPUs; statistics must not depend on a global flag, so the
+  precision is asked for here.
+  """
+  return jnp.einsum(spec, m, h, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
