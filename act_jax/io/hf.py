@@ -172,6 +172,16 @@ def read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
   return out
 
 
+def tensor_dtype(file: str, key: str) -> np.dtype:
+  """The numpy dtype of tensor `key` in safetensors `file` (header only)."""
+  with safe_open(file, framework='numpy') as f:
+    name = f.get_slice(key).get_dtype()
+  if name not in _DTYPES:
+    raise ConversionError(f'{file}: tensor {key!r} has unsupported dtype '
+                          f'{name} (supported: {", ".join(_DTYPES)})')
+  return _DTYPES[name]
+
+
 def validate_checkpoint(cfg: ModelConfig, headers: dict[str, tuple],
                         key_file: dict[str, str] | None,
                         where: str) -> None:
