@@ -111,7 +111,7 @@ class BaselinesTest(absltest.TestCase):
       leaves = []
       for j, (b, s) in enumerate(zip(base_l, jax.tree.leaves(src))):
         keep = np.asarray(baselines.dare_keep_mask(key, i, j, tuple(b.shape),
-                                                   p))
+                                                   p, layered=True))
         d = np.asarray(s, np.float64) - np.asarray(b, np.float64)
         leaves.append(np.asarray(b) + np.where(keep, d / (1 - p), 0))
       dropped.append(jax.tree_util.tree_unflatten(treedef, leaves))

@@ -79,7 +79,9 @@ def _flags(**kw):
 def _tflags(**kw):
   base = dict(hf_out=None, policy='average', alpha=1.0, include=[],
               unit='channel', priority=None, allow_other_models=False,
-              overwrite=False, follow_symlinks=False)
+              overwrite=False, follow_symlinks=False, method='act', max_shard_bytes=2**30,
+              interp_t=0.5, ta_lambda=0.5, ties_density=0.2, dare_drop=0.9,
+              seed=0)
   base.update(kw)
   return types.SimpleNamespace(**base)
 

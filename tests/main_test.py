@@ -2,11 +2,18 @@
 
 One full run (setUpClass) through every stage; a rerun must skip every
 stage without touching its artifacts; a second run killed with SIGKILL in
-the middle of a stage and rerun must end with the same results.
+the middle of a stage and rerun must end with the same results. From the
+same toy models (the reference run's build_models, copied), a 4-device
+mesh in one process and 2 processes x 2 devices (launch/
+local_multiprocess.sh) with --config.mesh_shape=1,2,2 give the same channel
+masks and the same metrics (within one eval item), and every stage records
+that mesh (a stage that used another one fails the run).
 """
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +25,11 @@ from absl.testing import absltest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('build_models', 'convert', 'collect', 'localize', 'transfer',
           'finetune', 'evaluate', 'report', 'export')
+MESH = ('--config.mesh_shape=1,2,2',
+        # Fewer rows than the reference (the ones compared), to stay fast.
+        '--config.sweep.extra_rhos=', '--config.sweep.selectors=act',
+        '--config.sweep.candidates=source,target,ties')
+MESH_RECORD = {'axes': {'data': 1, 'fsdp': 2, 'tensor': 2}, 'devices': 4}
 
 
 def _cmd(workdir, *extra):
@@ -34,8 +46,8 @@ def _env():
   return env
 
 
-def _run(workdir, *extra):
-  p = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(),
+def _run(workdir, *extra, env=None):
+  p = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=env or _env(),
                      capture_output=True, text=True, timeout=900)
   if p.returncode:
     raise AssertionError(f'main failed ({p.returncode}):\n{p.stderr[-4000:]}')
@@ -153,6 +165,59 @@ class MainTest(absltest.TestCase):
             self.assertAlmostEqual(
                 got[job]['results'][cand][ability][m], v, places=4,
                 msg=f'{job}/{cand}/{ability}/{m}')
+
+  def _mesh_workdir(self, name):
+    """A fresh workdir holding the reference run's toy models."""
+    workdir = os.path.join(self.tmp, name)
+    shutil.copytree(os.path.join(self.workdir, 'build_models'),
+                    os.path.join(workdir, 'build_models'))
+    return workdir
+
+  def assert_same_as_reference(self, workdir):
+    for s in STAGES[1:]:
+      rec = json.load(open(os.path.join(workdir, s, 'COMPLETE.json')))
+      self.assertEqual(rec['mesh'], MESH_RECORD, s)
+    masks = sorted(glob.glob(os.path.join(self.workdir, 'localize', '*', '*',
+                                          '*', 'channels.json')))
+    self.assertLen(masks, 9)  # 3 pairs x act, random, weight_diff
+    for path in masks:
+      rel = os.path.relpath(path, self.workdir)
+      with open(path, 'rb') as a, open(os.path.join(workdir, rel), 'rb') as b:
+        self.assertEqual(a.read(), b.read(), rel)
+    got, want = _results(workdir), _results(self.workdir)
+    for job in want:
+      self.assertGreaterEqual(len(got[job]['results']), 5)
+      for cand, per in got[job]['results'].items():
+        for ability, metrics in per.items():
+          for m, v in metrics.items():
+            ref = want[job]['results'][cand][ability][m]
+            what = f'{job}/{cand}/{ability}/{m}'
+            if m == 'exact_match':  # at most one of the 32 items differs
+              self.assertLessEqual(abs(v - ref), 1 / 32 + 1e-9, what)
+            else:
+              self.assertAlmostEqual(v, ref, delta=1e-3 * ref, msg=what)
+
+  def test_four_device_mesh_in_one_process_matches_one_device(self):
+    workdir = self._mesh_workdir('mesh4')
+    env = dict(_env(), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    log = _run(workdir, *MESH, env=env)
+    self.assertIn('stage build_models: complete, skipping', log)
+    self.assert_same_as_reference(workdir)
+
+  def test_two_processes_match_one_device(self):
+    workdir = self._mesh_workdir('mesh2x2')
+    env = dict(_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               PYTHON=sys.executable, LOG_DIR=workdir + '.logs')
+    cmd = [os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2',
+           'act_jax.main'] + _cmd(workdir, *MESH)[3:]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    logs = [open(os.path.join(workdir + '.logs', f'proc{i}.log')).read()
+            for i in range(2)]
+    self.assertEqual(p.returncode, 0, logs[0][-3000:] + logs[1][-3000:])
+    for i, log in enumerate(logs):
+      self.assertIn(f'process {i}/2, 2 local / 4 global devices', log)
+    self.assert_same_as_reference(workdir)
 
 
 if __name__ == '__main__':

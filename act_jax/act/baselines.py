@@ -4,6 +4,7 @@ All functions take and return plain param trees (the same API as
 `transfer.transplant`) and run jitted per leaf on device:
   full_copy(target, source)                  the source itself
   linear_interpolation(a, b, t)              (1 - t) a + t b
+  average(models)                            the mean of K models
   task_arithmetic(base, sources, lam)        base + lam * sum_k (s_k - base)
   ties(base, sources, density, lam)          trim each task vector to its
       top-`density` magnitudes per tensor, elect the sign per entry by the
@@ -12,10 +13,13 @@ All functions take and return plain param trees (the same API as
   dare(base, sources, drop, seed, combine)   drop each delta entry with
       probability `drop`, rescale kept ones by 1 / (1 - drop) (Yu et al.
       2023), then task arithmetic or TIES (without re-trimming)
+  merge_tensor(method, base, sources, ...)   one HF tensor of TA / TIES /
+      DARE, the same arithmetic (act/stream.py merges out of core with it)
   budget_matched_mask(act_mask, scores)      weight-diff or random channels
       with the same count per (site, layer) as an ACT mask
 "Per tensor" means per HF tensor: a stacked layer leaf [L, ...] is trimmed
-per layer slice, so results match tools that see one tensor per layer.
+per layer slice, and DARE draws each layer slice from its own key, so
+results match tools that see one tensor per layer and `merge_tensor`.
 """
 
 from __future__ import annotations
@@ -57,6 +61,22 @@ def linear_interpolation(a, b, t: float = 0.5):
   """(1 - t) * a + t * b, leaf by leaf, in float32."""
   transfer.check_compatible(a, b)
   return _lerp(a, b, t=float(t))
+
+
+@jax.jit
+def _mean(models):
+  return jax.tree.map(
+      lambda *xs: (sum(x.astype(jnp.float32) for x in xs) /
+                   len(xs)).astype(xs[0].dtype), *models)
+
+
+def average(models: Sequence[Any]):
+  """The mean of K models, leaf by leaf, in float32 (merge 'linear')."""
+  if not models:
+    raise transfer.TransferError('no models given')
+  for i, m in enumerate(models[1:], start=1):
+    transfer.check_compatible(models[0], m, f'model {i}')
+  return _mean(tuple(models))
 
 
 def _layered(path) -> bool:
@@ -124,11 +144,14 @@ def _combine(b32, d_k, lam, consensus: bool, dtype):
 
 @functools.partial(jax.jit, static_argnames=('layered', 'lam', 'density',
                                              'consensus', 'drop'))
-def _gta_leaf(b, ss, key, j, *, layered, lam, density, consensus, drop):
-  """One leaf of the generalized task arithmetic (TA / TIES / DARE)."""
+def _gta_leaf(b, ss, key, j, layer, *, layered, lam, density, consensus,
+              drop):
+  """One leaf (or one layer slice, `layer` >= 0) of the generalized task
+  arithmetic (TA / TIES / DARE)."""
   keep = None
   if drop > 0:
-    keep = [_keep(key, i, j, b.shape, drop) for i in range(len(ss))]
+    keep = [_keep(key, i, j, b.shape, drop, layered, layer)
+            for i in range(len(ss))]
   b32, d_k = _deltas(b, ss, keep, 1.0 / (1.0 - drop))
   if density < 1.0:
     d_k = jnp.stack([_trim_magnitude(d, density, layered) for d in d_k])
@@ -142,26 +165,76 @@ def _gta(base, sources, seed, *, lam, density, consensus, drop):
   key = jax.random.key(seed)
   out = []
   for j, (path, b) in enumerate(leaves):
-    out.append(_gta_leaf(b, tuple(s[j] for s in src_leaves), key, j,
+    out.append(_gta_leaf(b, tuple(s[j] for s in src_leaves), key, j, -1,
                          layered=_layered(path),
                          lam=lam, density=density, consensus=consensus,
                          drop=drop))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _keep(key, source_index, leaf_index, shape, drop):
+def _keep(key, source_index, leaf_index, shape, drop, layered=False,
+          layer=-1):
+  """DARE keep mask. A stacked layer leaf draws each layer slice from its
+  own key (`fold_in(layer)`), so one HF tensor's draw (`layer` >= 0) is the
+  same whether the whole leaf or only that tensor is in memory."""
   k = jax.random.fold_in(jax.random.fold_in(key, source_index), leaf_index)
-  return jax.random.bernoulli(k, 1.0 - drop, shape)
+  if layered:
+    return jax.vmap(lambda l: jax.random.bernoulli(
+        jax.random.fold_in(k, l), 1.0 - drop, shape[1:]))(
+            jnp.arange(shape[0]))
+  layer = jnp.asarray(layer, jnp.int32)
+  k = jnp.where(layer >= 0,
+                jax.random.key_data(jax.random.fold_in(
+                    k, jnp.maximum(layer, 0))),
+                jax.random.key_data(k))
+  return jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - drop,
+                              shape)
 
 
-@functools.partial(jax.jit, static_argnames=('shape', 'drop'))
+@functools.partial(jax.jit, static_argnames=('shape', 'drop', 'layered'))
 def dare_keep_mask(key, source_index: int, leaf_index: int, shape,
-                   drop: float):
+                   drop: float, layered: bool = False, layer: int = -1):
   """The DARE keep mask of one (source, leaf): Bernoulli(1 - drop), seeded.
 
-  Public so tests and references can reproduce the exact draw.
+  `layered`: the leaf is stacked over layers (`[L, ...]`, under `layers`);
+  `layer` >= 0: one layer slice of such a leaf. Public so tests and
+  references can reproduce the exact draw.
   """
-  return _keep(key, source_index, leaf_index, shape, drop)
+  return _keep(key, source_index, leaf_index, shape, drop, layered, layer)
+
+
+def merge_tensor(method: str, base, sources: Sequence[Any], *,
+                 leaf_index: int, layer: int | None = None,
+                 lam: float = 1.0, density: float = 1.0, drop: float = 0.0,
+                 seed: int = 0, combine: str = 'task_arithmetic'):
+  """One tensor of task_arithmetic | ties | dare, as the tree functions.
+
+  Args:
+    base, sources: one leaf of the base and of each source, or one layer
+      slice of a stacked leaf (in param layout: an HF tensor transposed
+      where `hf_names` says so).
+    leaf_index: the leaf's index in the flattened param tree (DARE draws).
+    layer: the layer of a slice of a stacked leaf, None for a whole leaf
+      that is not stacked.
+    lam, density, drop, seed, combine: as `task_arithmetic`, `ties`,
+      `dare` (TIES: `density`, sign consensus; DARE: `drop`, `combine`).
+
+  Returns the result in `base`'s dtype; equal to the tree function's leaf
+  (slice) up to float rounding of a differently fused program.
+  """
+  if method == 'task_arithmetic':
+    density, consensus, drop = 1.0, False, 0.0
+  elif method == 'ties':
+    consensus, drop = True, 0.0
+  elif method == 'dare':
+    consensus = combine == 'ties'
+  else:
+    raise transfer.TransferError(f'method {method!r}: one of '
+                                 'task_arithmetic, ties, dare')
+  return _gta_leaf(base, tuple(sources), jax.random.key(int(seed)),
+                   leaf_index, -1 if layer is None else int(layer),
+                   layered=False, lam=float(lam), density=float(density),
+                   consensus=consensus, drop=float(drop))
 
 
 def task_arithmetic(base, sources: Sequence[Any], lam: float = 1.0):

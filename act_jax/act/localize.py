@@ -48,6 +48,7 @@ import numpy as np
 
 from act_jax.act import masks as masks_lib
 from act_jax.io import stats as stats_io
+from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
 SCORES = ('mean_abs_diff', 'diff_of_mean_abs', 'mean_abs_diff_norm',
@@ -162,7 +163,7 @@ def weight_scores(params_src, params_tgt,
       db = (jnp.asarray(a['bias'], jnp.float32) -
             jnp.asarray(b['bias'], jnp.float32))
       sq = sq + db * db
-    out[site] = np.asarray(jnp.sqrt(sq), np.float32)
+    out[site] = sharding.to_host(jnp.sqrt(sq)).astype(np.float32)
   return out
 
 

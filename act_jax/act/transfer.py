@@ -11,6 +11,10 @@
       start from `base`, transplant each source's channel set; a channel
       (site, layer, c) claimed by several sources is resolved by `policy`
       (average | max_score | priority) and listed in the conflict report.
+      `plan_merge` (claims -> leaf masks, no weights) and `apply_merge` are
+      its halves; they work on whole trees or on one tensor (act.stream).
+Every function also takes single arrays as one-leaf trees, so the same
+arithmetic runs per HF tensor in the out-of-core path (act/stream.py).
 Embeddings, norms and lm_head are untouched unless `include` names them.
 
 CLI: `python -m act_jax.transfer --target=DIR --source=DIR[,...]
@@ -19,6 +23,7 @@ CLI: `python -m act_jax.transfer --target=DIR --source=DIR[,...]
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -115,8 +120,9 @@ def transplant(target, source, mask_tree, alpha: float = 1.0, *,
   if not idx:
     return target
   fn = _mix_leaves_donate if donate else _mix_leaves
+  # Host masks: jit treats them as replicated, also across processes.
   new = fn(tuple(t_leaves[i] for i in idx), tuple(s_leaves[i] for i in idx),
-           tuple(jnp.asarray(m_leaves[i]) for i in idx), alpha=float(alpha))
+           tuple(m_leaves[i] for i in idx), alpha=float(alpha))
   out = list(t_leaves)
   for i, x in zip(idx, new):
     out[i] = x
@@ -195,6 +201,115 @@ def _resolve(masks: Sequence[masks_lib.Mask], names: Sequence[str],
   return owned, shared, conflicts
 
 
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+  """A resolved merge, before any weight is read.
+
+  `owned[i]` is source i's leaf-mask tree (aligned with the params, or one
+  leaf's slice of it: `slice_leaf`) of the entries it alone moves;
+  `shared[i]` (policy 'average' only, else None) the entries it shares with
+  other claimers, averaged. `order` is the priority order.
+  """
+  order: tuple[int, ...]
+  alpha: float
+  owned: tuple[Any, ...]
+  shared: tuple[Any, ...] | None
+  report: dict[str, Any]
+
+  def slice_leaf(self, path: Sequence[str], layer: int | None) -> 'MergePlan':
+    """The plan of one leaf (`path`), or of one layer of a stacked leaf:
+    what `apply_merge` needs for one HF tensor (in param layout)."""
+    def cut(tree):
+      return leaf_slice(tree, path, layer)
+    return dataclasses.replace(
+        self, owned=tuple(cut(t) for t in self.owned),
+        shared=None if self.shared is None else tuple(
+            cut(t) for t in self.shared))
+
+
+def leaf_slice(mask_tree, path: Sequence[str], layer: int | None):
+  """Leaf `path` of a leaf-mask tree, cut to `layer` for stacked leaves
+  (a broadcast axis of size 1 stays broadcast)."""
+  m = mask_tree
+  for p in path:
+    m = m[p]
+  m = np.asarray(m, bool)
+  if layer is None:
+    return m
+  return m[layer] if m.shape[0] > 1 else m[0]
+
+
+def plan_merge(params_like, masks: Sequence[masks_lib.Mask],
+               scores: Sequence[Mapping[str, np.ndarray]] | None = None,
+               policy: str = 'average', alpha: float = 1.0, *,
+               names: Sequence[str] | None = None,
+               priority: Sequence[int] | None = None,
+               include: Sequence[str] = ()) -> MergePlan:
+  """Resolves the sources' channel claims (see `merge`); reads only the
+  shapes of `params_like` (params or `forward.abstract_params`)."""
+  k = len(masks)
+  if k == 0:
+    raise TransferError('merge needs at least one source mask')
+  if policy not in POLICIES:
+    raise TransferError(f'--policy={policy!r} unknown; one of '
+                        f'{", ".join(POLICIES)}')
+  if policy == 'max_score' and (scores is None or len(scores) != k):
+    raise TransferError('--policy=max_score needs one score dict per source')
+  names = list(names or [f'source{i}' for i in range(k)])
+  order = list(priority) if priority is not None else list(range(k))
+  if sorted(order) != list(range(k)):
+    raise TransferError(f'priority {order} is not a permutation of '
+                        f'0..{k - 1}')
+  owned, shared, conflicts = _resolve(masks, names, policy, scores, order)
+  owned_trees = tuple(
+      masks_lib.leaf_masks(owned[i], params_like, include=(
+          include if (policy != 'average' and i == order[0]) else ()))
+      for i in range(k))
+  shared_trees = None
+  if policy == 'average' and (any(masks_lib.count(m) for m in shared) or
+                              include):
+    shared_trees = tuple(masks_lib.leaf_masks(m, params_like,
+                                              include=include)
+                         for m in shared)
+  report = {
+      'policy': policy, 'alpha': alpha, 'sources': names,
+      'priority': [names[i] for i in order],
+      'num_conflicts': len(conflicts), 'conflicts': conflicts,
+      'channels_per_source': {names[i]: masks_lib.count(masks[i])
+                              for i in range(k)},
+  }
+  return MergePlan(tuple(order), float(alpha), owned_trees, shared_trees,
+                   report)
+
+
+def apply_merge(plan: MergePlan, base, sources: Sequence[Any]):
+  """The merged params of a plan: whole trees, or one leaf (slice) of each
+  with `plan.slice_leaf` (the same arithmetic either way)."""
+  params = base
+  # Apply lowest priority first so the earliest source wins any element
+  # where a row site and a column site cross.
+  for i in reversed(plan.order):
+    params = transplant(params, sources[i], plan.owned[i], plan.alpha)
+  if plan.shared is None:
+    return params
+  flat = [jax.tree_util.tree_leaves(t) for t in plan.shared]
+  cur, treedef = jax.tree_util.tree_flatten(params)
+  base_l = jax.tree_util.tree_leaves(base)
+  src_l = [jax.tree_util.tree_leaves(s) for s in sources]
+  idx = [j for j in range(len(cur))
+         if any(np.asarray(f[j]).any() for f in flat)]
+  if not idx:
+    return params
+  new = _average_leaves(
+      tuple(cur[j] for j in idx), tuple(base_l[j] for j in idx),
+      tuple(tuple(s[j] for j in idx) for s in src_l),
+      tuple(tuple(np.asarray(f[j]) for j in idx) for f in flat),
+      alpha=plan.alpha)
+  for j, x in zip(idx, new):
+    cur[j] = x
+  return jax.tree_util.tree_unflatten(treedef, cur)
+
+
 def merge(base, sources: Sequence[Any], masks: Sequence[masks_lib.Mask],
           scores: Sequence[Mapping[str, np.ndarray]] | None = None,
           policy: str = 'average', alpha: float = 1.0, *,
@@ -224,54 +339,16 @@ def merge(base, sources: Sequence[Any], masks: Sequence[masks_lib.Mask],
     [{site, layer, channel, sources, resolved}], 'channels_per_source'}.
     Elements where a row site and a column site of the same kernel cross
     (only with '.in' sites) go to the later source in priority order.
+    `plan_merge` + `apply_merge` are the two halves (act.stream runs them
+    one tensor at a time).
   """
   k = len(sources)
   if k == 0 or len(masks) != k:
     raise TransferError(f'merge needs one mask per source: {k} sources, '
                         f'{len(masks)} masks')
-  if policy not in POLICIES:
-    raise TransferError(f'--policy={policy!r} unknown; one of '
-                        f'{", ".join(POLICIES)}')
-  if policy == 'max_score' and (scores is None or len(scores) != k):
-    raise TransferError('--policy=max_score needs one score dict per source')
   names = list(names or [f'source{i}' for i in range(k)])
-  order = list(priority) if priority is not None else list(range(k))
-  if sorted(order) != list(range(k)):
-    raise TransferError(f'priority {order} is not a permutation of '
-                        f'0..{k - 1}')
   for i, s in enumerate(sources):
     check_compatible(base, s, f'source {names[i]}')
-  owned, shared, conflicts = _resolve(masks, names, policy, scores, order)
-  params = base
-  # Apply lowest priority first so the earliest source wins any element
-  # where a row site and a column site cross.
-  for i in reversed(order):
-    inc = include if (policy != 'average' and i == order[0]) else ()
-    params = transplant_channels(params, sources[i], owned[i], alpha,
-                                 include=inc)
-  if policy == 'average' and (any(masks_lib.count(m) for m in shared) or
-                              include):
-    trees = [masks_lib.leaf_masks(m, base, include=include) for m in shared]
-    flat = [jax.tree_util.tree_leaves(t) for t in trees]
-    cur, treedef = jax.tree_util.tree_flatten(params)
-    base_l = jax.tree_util.tree_leaves(base)
-    src_l = [jax.tree_util.tree_leaves(s) for s in sources]
-    idx = [j for j in range(len(cur))
-           if any(np.asarray(f[j]).any() for f in flat)]
-    new = _average_leaves(
-        tuple(cur[j] for j in idx), tuple(base_l[j] for j in idx),
-        tuple(tuple(s[j] for j in idx) for s in src_l),
-        tuple(tuple(jnp.asarray(f[j]) for j in idx) for f in flat),
-        alpha=float(alpha))
-    for j, x in zip(idx, new):
-      cur[j] = x
-    params = jax.tree_util.tree_unflatten(treedef, cur)
-  report = {
-      'policy': policy, 'alpha': alpha, 'sources': names,
-      'priority': [names[i] for i in order],
-      'num_conflicts': len(conflicts), 'conflicts': conflicts,
-      'channels_per_source': {names[i]: masks_lib.count(masks[i])
-                              for i in range(k)},
-  }
-  return params, report
-
+  plan = plan_merge(base, masks, scores, policy, alpha, names=names,
+                    priority=priority, include=include)
+  return apply_merge(plan, base, sources), plan.report

@@ -62,13 +62,21 @@ def _jitted(cfg: ModelConfig, mesh):
   param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
                                      forward.abstract_params(cfg))
   batch_sh = sharding.named_sharding(mesh, ('batch', 'length'))
-  out_sh = (sharding.named_sharding(mesh, ('batch',)),) * 2
+  # Per-row scores are tiny: replicated, every process can read them.
+  out_sh = (sharding.replicated(mesh),) * 2
 
   def run(params, batch):
     return losses.sequence_logprobs(params, batch, cfg)
 
+<<<<<<< HEAD
   return jax.jit(run, in_shardings=(param_sh, batch_sh),
                  out_shardings=out_sh), param_sh
+=======
+  fn = jax.jit(run, in_shardings=(param_sh, batch_sh), out_shardings=out_sh)
+  # Host batches become global arrays (numpy into sharded in_shardings is
+  # refused in multi-process runs).
+  return lambda params, batch: fn(params, sharding.put(batch, batch_sh))
+>>>>>>> issue15
 
 
 def _pad_rows(batch: dict[str, np.ndarray], multiple: int):

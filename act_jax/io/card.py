@@ -141,8 +141,9 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, card: str,
   master weights are written as they are otherwise. Returns `out_dir`.
   """
   if dtype is not None:
-    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype),
-                          jax.device_get(params))
+    # Cast where the leaves live (a multi-host array is never fetched whole
+    # here; save_hf gathers it leaf by leaf).
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
   hf.save_hf(params, cfg, out_dir, hf_config=hf_config,
              tokenizer_dir=tokenizer_dir, model_card=card,
              max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -18,9 +18,12 @@ Writing (`save_hf`) streams too: sharded safetensors
 `config.json` from `config.to_hf_config` on top of the source config.json
 when one is given (token ids, chat settings etc. survive; code references
 such as `auto_map` do not), tokenizer files and a README.md model card, all
-into a temporary sibling renamed into place at the end; one leaf and one
-shard on the host at a time. The key table between HF tensor names and our
-leaves is `hf_names`.
+into a temporary sibling renamed into place at the end. `ShardWriter` lays
+the shards out up front and writes each tensor straight to its place, so
+one leaf is on the host at a time. From a multi-process mesh every process
+walks the leaves (each sharded leaf is gathered in turn) and process 0
+writes. The key table between HF tensor names and our leaves is
+`hf_names`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from safetensors.numpy import save_file
-
+from act_jax import distributed
 from act_jax.io import atomic
 from act_jax.io import hf_names
 from act_jax.io import inputs
@@ -186,6 +188,16 @@ def read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
   return out
 
 
+def tensor_dtype(file: str, key: str) -> np.dtype:
+  """The numpy dtype of tensor `key` in safetensors `file` (header only)."""
+  with safe_open(file, framework='numpy') as f:
+    name = f.get_slice(key).get_dtype()
+  if name not in _DTYPES:
+    raise ConversionError(f'{file}: tensor {key!r} has unsupported dtype '
+                          f'{name} (supported: {", ".join(_DTYPES)})')
+  return _DTYPES[name]
+
+
 def validate_checkpoint(cfg: ModelConfig, headers: dict[str, tuple],
                         key_file: dict[str, str] | None,
                         where: str) -> None:
@@ -245,6 +257,7 @@ def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def _place(host: np.ndarray, target: jax.sharding.Sharding | None):
   """Puts a host array onto `target` (or the default device)."""
   if target is None:
+    sharding.note_single_device()
     return jax.device_put(host)
   # Works when the mesh spans processes too: each process fills its shards.
   return jax.make_array_from_callback(host.shape, target,
@@ -337,54 +350,132 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig | None = None, *,
 # ------------------------------------------------------------------ export
 
 
-def _host(x: Any) -> np.ndarray:
-  if hasattr(x, 'is_fully_addressable') and not x.is_fully_addressable:
-    raise ConversionError('save_hf needs fully addressable params (gather '
-                          'them to one process first)')
-  return np.asarray(jax.device_get(x))
+_ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
+              np.dtype(ml_dtypes.bfloat16): 'BF16',
+              np.dtype(np.float64): 'F64'}
+
+
+class ShardWriter:
+  """Writes HF-named tensors into safetensors shards as they come.
+
+  The layout is fixed up front from every tensor's key, shape and dtype:
+  which shard holds it (a new shard starts before one would exceed
+  `max_shard_bytes`) and its byte range. Each shard's header is written
+  first, so every tensor is written straight to its place and nothing is
+  held beyond the tensor being written (peak host memory: one tensor).
+  `close()` checks every tensor was written and writes the index.
+
+  Shards are `model.safetensors` (one) or `model-0000i-of-0000N.safetensors`
+  plus `model.safetensors.index.json`, as transformers writes them.
+  """
+
+  def __init__(self, out_dir: str, specs: list[tuple[str, tuple, Any]],
+               max_shard_bytes: int = 2**30):
+    """`specs`: `(key, shape, dtype)` of every tensor, in writing order."""
+    self.out_dir = out_dir
+    groups, cur, size = [], [], 0
+    for key, shape, dtype in specs:
+      dtype = np.dtype(dtype)
+      if dtype not in _ST_DTYPES:
+        raise ConversionError(f'tensor {key}: dtype {dtype} cannot be '
+                              'written to safetensors here')
+      nbytes = int(np.prod(shape)) * dtype.itemsize
+      if cur and size + nbytes > max_shard_bytes:
+        groups.append(cur)
+        cur, size = [], 0
+      cur.append((key, tuple(int(d) for d in shape), dtype, nbytes))
+      size += nbytes
+    if cur:
+      groups.append(cur)
+    n = len(groups)
+    self.names = [SINGLE_FILE if n == 1 else
+                  f'model-{i:05d}-of-{n:05d}.safetensors'
+                  for i in range(1, n + 1)]
+    self._where: dict[str, tuple[str, int, tuple, np.dtype]] = {}
+    self.total = 0
+    for name, group in zip(self.names, groups):
+      header, offset = {'__metadata__': {'format': 'pt'}}, 0
+      for key, shape, dtype, nbytes in group:
+        header[key] = {'dtype': _ST_DTYPES[dtype], 'shape': list(shape),
+                       'data_offsets': [offset, offset + nbytes]}
+        offset += nbytes
+      blob = json.dumps(header, separators=(',', ':')).encode()
+      blob += b' ' * (-len(blob) % 8)  # data starts 8-byte aligned
+      start = 8 + len(blob)
+      path = os.path.join(out_dir, name)
+      with open(path, 'wb') as f:
+        f.write(len(blob).to_bytes(8, 'little'))
+        f.write(blob)
+        f.truncate(start + offset)
+      for key, shape, dtype, nbytes in group:
+        self._where[key] = (path, start + header[key]['data_offsets'][0],
+                            shape, dtype)
+      self.total += offset
+    self._written: set[str] = set()
+
+  def write(self, key: str, array: np.ndarray) -> None:
+    """Writes one tensor (shape and dtype as declared) to its place."""
+    if key not in self._where:
+      raise ConversionError(f'tensor {key} was not declared to the writer')
+    if key in self._written:
+      raise ConversionError(f'tensor {key} written twice')
+    path, offset, shape, dtype = self._where[key]
+    a = np.ascontiguousarray(array)
+    if a.shape != shape or a.dtype != dtype:
+      raise ConversionError(f'tensor {key} is {a.shape} {a.dtype}, declared '
+                            f'{shape} {dtype}')
+    with open(path, 'r+b') as f:
+      f.seek(offset)
+      f.write(a.reshape(-1).view(np.uint8))
+    self._written.add(key)
+
+  def close(self) -> dict[str, str]:
+    """Checks completeness, writes the index; returns `{key: file}`."""
+    missing = sorted(set(self._where) - self._written)
+    if missing:
+      raise ConversionError(f'{len(missing)} tensors never written, e.g. '
+                            f'{missing[0]}')
+    key_file = {k: os.path.basename(w[0]) for k, w in self._where.items()}
+    if len(self.names) > 1:
+      with open(os.path.join(self.out_dir, INDEX_FILE), 'w') as f:
+        json.dump({'metadata': {'total_size': self.total},
+                   'weight_map': dict(sorted(key_file.items()))}, f, indent=2)
+    return key_file
+
+
+def hf_tensor_specs(cfg: ModelConfig, dtype) -> list[tuple[str, tuple, Any]]:
+  """`(key, shape, dtype)` of every HF tensor of `cfg`, in `hf_entries`
+  order (what a `ShardWriter` for an export of `cfg` is given)."""
+  abstract = forward.abstract_params(cfg)
+  return [(e.hf_key, hf_names.hf_shape(e, _leaf(abstract, e.path).shape),
+           np.dtype(dtype)) for e in hf_names.hf_entries(cfg)]
 
 
 def _write_shards(params: dict[str, Any], cfg: ModelConfig, out_dir: str,
-                  max_shard_bytes: int
-                  ) -> tuple[list[str], dict[str, str], int]:
-  """Writes tensors shard by shard; returns names, `{key: file}`, bytes."""
+                  max_shard_bytes: int, dtype: str) -> tuple[list[str], int]:
+  """Writes tensors leaf by leaf; returns the shard names and bytes.
+
+  Every process walks the leaves (a leaf sharded over several processes is
+  gathered, one leaf at a time); process 0 writes.
+  """
+  writer = None
+  if distributed.is_primary():
+    writer = ShardWriter(out_dir, hf_tensor_specs(cfg, dtype),
+                         max_shard_bytes)
   by_path = collections.OrderedDict()
   for e in hf_names.hf_entries(cfg):
     by_path.setdefault(e.path, []).append(e)
-  shards, current, size, total = [], {}, 0, 0
-
-  def flush():
-    nonlocal current, size
-    if current:
-      name = f'.shard-{len(shards):05d}.safetensors'
-      save_file(current, os.path.join(out_dir, name),
-                metadata={'format': 'pt'})
-      shards.append((name, list(current)))
-      current, size = {}, 0
-
   for path, entries in by_path.items():
-    leaf = params
-    for p in path:
-      leaf = leaf[p]
-    host = _host(leaf)
-    for e in entries:
-      t = host[e.layer] if e.layer is not None else host
-      t = np.ascontiguousarray(t.T if e.transpose else t)
-      if current and size + t.nbytes > max_shard_bytes:
-        flush()
-      current[e.hf_key] = t
-      size += t.nbytes
-      total += t.nbytes
+    host = sharding.to_host(_leaf(params, path))
+    if writer is not None:
+      for e in entries:
+        t = host[e.layer] if e.layer is not None else host
+        writer.write(e.hf_key, t.T if e.transpose else t)
     del host
-  flush()
-  n = len(shards)
-  names, key_file = [], {}
-  for i, (tmp_name, keys) in enumerate(shards, start=1):
-    name = SINGLE_FILE if n == 1 else f'model-{i:05d}-of-{n:05d}.safetensors'
-    os.rename(os.path.join(out_dir, tmp_name), os.path.join(out_dir, name))
-    names.append(name)
-    key_file.update({k: name for k in keys})
-  return names, key_file, total
+  if writer is None:
+    return [], 0
+  writer.close()
+  return writer.names, writer.total
 
 
 def _model_card(cfg: ModelConfig, n_params: int, dtype: str) -> str:
@@ -430,16 +521,13 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
   except config_lib.ConfigError as e:
     raise ConversionError(str(e)) from None
   with atomic.atomic_dir(out_dir, overwrite, kind='hf') as tmp:
-    names, key_file, total = _write_shards(params, cfg, tmp, max_shard_bytes)
-    if len(names) > 1:
-      with open(os.path.join(tmp, INDEX_FILE), 'w') as f:
-        json.dump({'metadata': {'total_size': total},
-                   'weight_map': dict(sorted(key_file.items()))}, f, indent=2)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    params_io.copy_aux_files(tokenizer_dir, tmp, follow_symlinks)
-    with open(os.path.join(tmp, 'README.md'), 'w') as f:
-      f.write(model_card if model_card is not None else _model_card(
-          cfg, forward.count_params(params), dtype))
+    names, _ = _write_shards(params, cfg, tmp, max_shard_bytes, dtype)
+    if distributed.is_primary():
+      with open(os.path.join(tmp, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+      params_io.copy_aux_files(tokenizer_dir, tmp, follow_symlinks)
+      with open(os.path.join(tmp, 'README.md'), 'w') as f:
+        f.write(model_card if model_card is not None else _model_card(
+            cfg, forward.count_params(params), dtype))
   logging.info('saved HF checkpoint (%d files, %s) to %s', len(names), dtype,
                out_dir)

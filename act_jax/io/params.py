@@ -140,7 +140,7 @@ def restore_pytree(path: str, target: Any = None) -> Any:
   path = os.path.abspath(path)
   meta = pytree_metadata(path)
   if target is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = sharding.single_device()
     target = jax.tree.map(lambda m: dev, meta)
   leaves = jax.tree.leaves(target)
   if leaves and isinstance(leaves[0], jax.sharding.Sharding):
@@ -251,7 +251,7 @@ def load_params_dir(params_dir: str, *, mesh: jax.sharding.Mesh | None = None,
     shardings = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
                                         abstract, rules)
   else:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = sharding.single_device()
     shardings = jax.tree.map(lambda _: dev, abstract)
   params = restore_pytree(ckpt, shardings)
   if param_dtype and param_dtype != cfg.param_dtype:

@@ -8,9 +8,10 @@ normed residual streams, the attention output before `o_proj`, and the SwiGLU
 hidden (the input of `down_proj`, one channel per MLP neuron).
 
 Inside the jitted layer scan each site's activation `h_btc` is reduced over
-the masked tokens to float32 `[C]` vectors; activations never leave the
-device. With `pairwise=True` (the forward must be vmapped over models with
-`axis_name='models'`), every model also gets the token-aligned
+the masked tokens to float32 `[C]` vectors (float32 elementwise work and
+sums, no dot: so float32 on TPU and GPU too, whatever the global matmul
+precision); activations never leave the device. With `pairwise=True` (the
+forward must be vmapped over models with `axis_name='models'`), every model also gets the token-aligned
 `sum_t |h_i(t) - h_j(t)|` against every model j: `pair_abs_diff [M, C]`.
 
 How the reductions run (benchmarks/README.md has the measurements): the
@@ -153,3 +154,4 @@ def reduce_site(h_btc: jax.Array, mask_bt: jax.Array,
     jax.lax.axis_index(MODELS_AXIS)  # a clear error outside apply_models
     out['pair_abs_diff'] = _pair_abs_diff(h, m)
   return out
+

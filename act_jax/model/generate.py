@@ -180,7 +180,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   stops = set(stop_ids)
   result = []
   for n, gen in outs:
-    for row in np.asarray(jax.device_get(gen))[:n].tolist():
+    for row in sharding.to_host(gen)[:n].tolist():
       cut = next((i for i, t in enumerate(row) if t in stops), len(row))
       result.append(row[:cut])
   return result

@@ -4,7 +4,14 @@ Params carry logical axis names (model.py: `vocab embed heads kv_heads mlp
 norm head_dim layers`); activations use `batch length embed`; stacked related
 models add `models`. A short rules list maps logical names to the mesh axes
 `data`, `fsdp`, `tensor` (Flax lm1b style). A dimension that a mesh axis does
-not divide is replicated along it rather than failing, and reported once.
+not divide is replicated along it rather than failing, and reported once
+(`indivisible` lists them, so a pipeline can refuse such a mesh up front).
+
+Multi-process meshes: `put` places a host value that every process holds
+(the same batch, the same mask) onto any sharding, and `to_host` brings a
+global array back to every process (a replicated one without a collective).
+`track_meshes` records which meshes the code under it placed arrays on, so
+a caller can check that nothing fell back to a default mesh or device.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,6 +44,36 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 _ACTIVE: list[tuple[Mesh, tuple]] = []
 _REPORTED: set = set()
+_TRACKERS: list[list[dict[str, Any]]] = []
+
+
+def describe(mesh: Mesh) -> dict[str, Any]:
+  """`{'axes': {name: size}, 'devices': n}`: what a mesh is, JSON-able."""
+  return {'axes': {str(k): int(v) for k, v in mesh.shape.items()},
+          'devices': int(mesh.devices.size)}
+
+
+def _note(what: dict[str, Any]) -> None:
+  for seen in _TRACKERS:
+    if what not in seen:
+      seen.append(what)
+
+
+@contextlib.contextmanager
+def track_meshes() -> Iterator[list[dict[str, Any]]]:
+  """Yields the list of meshes (`describe`) used while the body runs.
+
+  A mesh is noted when a mesh is built (`make_mesh`), a sharding is made on
+  it (`named_sharding`, `replicated`), activations are constrained on it, or
+  an array is placed on one device because no mesh was given
+  (`single_device`, noted as `{'axes': {}, 'devices': 1}`).
+  """
+  seen: list[dict[str, Any]] = []
+  _TRACKERS.append(seen)
+  try:
+    yield seen
+  finally:
+    _TRACKERS.remove(seen)
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1),
@@ -61,9 +99,23 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f'mesh shape {tuple(shape)} needs {int(np.prod(shape))} '
                      f'devices, found {len(devices)}')
-  return jax.make_mesh(
+  mesh = jax.make_mesh(
       tuple(shape), tuple(axis_names),
       axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+  _note(describe(mesh))
+  return mesh
+
+
+def note_single_device() -> None:
+  """Records (for `track_meshes`) that an array goes to one device because
+  no mesh was given."""
+  _note({'axes': {}, 'devices': 1})
+
+
+def single_device() -> jax.sharding.SingleDeviceSharding:
+  """This process's first device: where arrays go when no mesh is given."""
+  note_single_device()
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None,
@@ -93,7 +145,36 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None],
                    shape: Sequence[int] | None = None,
                    rules=DEFAULT_RULES) -> NamedSharding:
   """The one helper that builds a NamedSharding from logical axis names."""
+  _note(describe(mesh))
   return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
+
+
+def indivisible(mesh: Mesh, logical_tree, shape_tree, rules=DEFAULT_RULES
+               ) -> list[tuple[str, str, int, tuple[str, ...], int]]:
+  """Dimensions the rules would shard but the mesh axes do not divide.
+
+  Returns:
+    `(leaf path, logical name, size, mesh axes, their size)` per dimension
+    that `logical_to_spec` would replicate instead.
+  """
+  table = dict(rules)
+  out = []
+  flat_names = jax.tree_util.tree_leaves_with_path(
+      logical_tree, is_leaf=lambda n: isinstance(n, tuple))
+  flat_shapes = jax.tree.leaves(shape_tree)
+  for (path, names), x in zip(flat_names, flat_shapes):
+    used = set()
+    for name, size in zip(names, x.shape):
+      target = table.get(name) if name is not None else None
+      axes = (target,) if isinstance(target, str) else tuple(target or ())
+      axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+      total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      if total > 1 and size % total:
+        out.append(('.'.join(str(getattr(k, 'key', k)) for k in path), name,
+                    int(size), axes, total))
+      else:
+        used.update(axes)
+  return out
 
 
 def tree_shardings(mesh: Mesh, logical_tree, shape_tree, rules=DEFAULT_RULES,
@@ -112,13 +193,45 @@ def tree_shardings(mesh: Mesh, logical_tree, shape_tree, rules=DEFAULT_RULES,
 
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding on `mesh`."""
+  _note(describe(mesh))
   return NamedSharding(mesh, P())
+
+
+def put(x, target: jax.sharding.Sharding):
+  """A host value that every process holds, placed onto `target`.
+
+  `jax.jit` refuses numpy inputs for non-replicated `in_shardings` in a
+  multi-process run; `device_put` of the same host value on every process
+  builds the global array (each process fills its own shards). Works on
+  pytrees; arrays already on `target` are returned as they are.
+  """
+  def one(a):
+    if isinstance(a, jax.Array) and a.sharding == target:
+      return a
+    return jax.device_put(np.asarray(a) if not isinstance(a, jax.Array)
+                          else a, target)
+  return jax.tree.map(one, x)
+
+
+def to_host(x) -> np.ndarray:
+  """The value of a (possibly multi-process) array on this host.
+
+  Fully addressable arrays are fetched; replicated global arrays are read
+  from a local shard (no collective); sharded global arrays are gathered
+  from every process (`process_allgather`: every process must call it).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
   """While tracing inside this context, block-boundary activations are
   constrained on `mesh` (see `constrain_activation`)."""
+  _note(describe(mesh))
   _ACTIVE.append((mesh, tuple(rules)))
   try:
     yield

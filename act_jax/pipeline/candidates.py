@@ -167,8 +167,9 @@ class Builder:
   """Builds candidates' params for one job from the converted models."""
 
   def __init__(self, plan: jobs_lib.Plan, job: jobs_lib.Job,
-               convert_dir: str, localize_dir: str):
+               convert_dir: str, localize_dir: str, mesh=None):
     self.plan, self.job = plan, job
+    self.mesh = mesh  # models are restored onto it (None: one device)
     self.convert_dir, self.localize_dir = convert_dir, localize_dir
     self._models: dict[str, Any] = {}
     self.cfg = None
@@ -177,7 +178,8 @@ class Builder:
   def params(self, name: str):
     """The converted params of model `name` (loaded once)."""
     if name not in self._models:
-      cfg, p = models_io.load_model(os.path.join(self.convert_dir, name))
+      cfg, p = models_io.load_model(os.path.join(self.convert_dir, name),
+                                    mesh=self.mesh)
       self.cfg = self.cfg or cfg
       self._models[name] = p
     return self._models[name]
@@ -261,7 +263,7 @@ def _whole(b: Builder, cand: Candidate):
   if cand.kind == 'linear':
     if job.kind == 'recover':
       return baselines.linear_interpolation(tgt, src, bl.interp_t)
-    return jax.tree.map(lambda *xs: sum(xs) / len(xs), *tasks)
+    return baselines.average(tasks)
   if cand.kind == 'task_arithmetic':
     return baselines.task_arithmetic(base, tasks, bl.ta_lambda)
   if cand.kind == 'ties':

@@ -29,6 +29,7 @@ import json
 import os
 from typing import Any
 
+from act_jax import distributed
 from act_jax.act import masks as masks_lib
 from act_jax.io import atomic
 from act_jax.io import card
@@ -117,11 +118,13 @@ def _card(plan: jobs_lib.Plan, job: jobs_lib.Job, result: str, cand: str,
 
 
 def export_results(plan: jobs_lib.Plan, workdir: str, out_dir: str,
-                   sub_done) -> dict[str, Any]:
+                   sub_done, mesh=None) -> dict[str, Any]:
   """Writes `out_dir/<job>/<result>/` for every saved result; returns
   `{<job>/<result>: {candidate, dir, channels}}`. Resumable: `sub_done(p)`
   says whether `out_dir/p` exists (a result is done once its
-  channel_masks.json is written, last)."""
+  channel_masks.json is written, last). Params are restored onto `mesh`;
+  under jax.distributed every process takes part in the HF write and
+  process 0 writes the mask files."""
   rpath = os.path.join(runner.stage_dir(workdir, 'report'), 'results.json')
   results = atomic.read_json(rpath) if os.path.isfile(rpath) else {}
   convert = runner.stage_dir(workdir, 'convert')
@@ -140,9 +143,10 @@ def export_results(plan: jobs_lib.Plan, workdir: str, out_dir: str,
       out = os.path.join(out_dir, sub)
       summary[sub] = {'candidate': cand.name, 'dir': out,
                       'channels': masks_lib.count(mask)}
+      distributed.barrier(f'export:check:{sub}')  # all decide together
       if sub_done(os.path.join(sub, MASKS_FILE)):
         continue
-      cfg, params = models_io.load_model(src)
+      cfg, params = models_io.load_model(src, mesh=mesh)
       meta_path = os.path.join(src, params_io.META)
       meta = atomic.read_json(meta_path) if os.path.isfile(meta_path) else {}
       hf_config = params_io.load_hf_config_dict(base_dir)
@@ -161,6 +165,8 @@ def export_results(plan: jobs_lib.Plan, workdir: str, out_dir: str,
               masks_lib.hf_tensor_masks(m, cfg))
       # The union file goes last: its presence marks the result done.
       files[MASKS_FILE] = masks_lib.hf_tensor_masks(mask, cfg)
-      for name, content in files.items():
-        atomic.write_text(os.path.join(out, name), masks_json(content))
+      if distributed.is_primary():
+        for name, content in files.items():
+          atomic.write_text(os.path.join(out, name), masks_json(content))
+      distributed.barrier(f'export:done:{sub}')
   return summary

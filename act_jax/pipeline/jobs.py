@@ -179,6 +179,7 @@ TOP_FIELDS = {
     'overwrite': False,  # recompute completed stages whose inputs changed
     'restart': False,  # discard interrupted stages' work (no resume)
 }
+MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
 # ------------------------------------------------------------------- jobs
@@ -224,7 +225,7 @@ class Plan:
   modes: tuple[str, ...]
   stages: tuple[str, ...]
   seed: int
-  mesh_shape: str
+  mesh_shape: tuple[int, int, int]  # (data, fsdp, tensor); one may be -1
   overwrite: bool
   restart: bool
   case: dict[str, Any] | None  # the case's own sub-config (name + fields)
@@ -286,6 +287,28 @@ def parse_floats(spec: str, field: str = '') -> tuple[float, ...]:
     except ValueError:
       raise ConfigError(f'--config.{field}: {p!r} is not a number') from None
   return tuple(out)
+
+
+def parse_mesh_shape(spec: str) -> tuple[int, int, int]:
+  """'1,8,1' -> (1, 8, 1): the (data, fsdp, tensor) sizes of the mesh.
+
+  '' means every device on `data` ((-1, 1, 1)); one size may be -1 (all
+  the remaining devices). Whether it fits the devices is checked in
+  pre-flight, where the device count is known.
+  """
+  parts = parse_list(spec)
+  if not parts:
+    return (-1, 1, 1)
+  try:
+    sizes = tuple(int(p) for p in parts)
+  except ValueError:
+    sizes = ()
+  if (len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1 or
+      any(s == 0 or s < -1 for s in sizes)):
+    raise ConfigError(f'--config.mesh_shape={spec!r}: expected three sizes '
+                      f'({", ".join(MESH_AXES)}), positive or one -1, '
+                      "e.g. '1,8,1'")
+  return sizes  # type: ignore[return-value]
 
 
 def parse_pairs(spec: str, field: str) -> tuple[tuple[str, str], ...]:
@@ -456,8 +479,8 @@ def plan_from_config(config, workdir: str) -> Plan:
               for name, cls in SECTIONS.items()}
   return Plan(
       modes=modes, stages=parse_list(top['stages']), seed=int(top['seed']),
-      mesh_shape=str(top['mesh_shape']), overwrite=top['overwrite'],
-      restart=top['restart'],
+      mesh_shape=parse_mesh_shape(str(top['mesh_shape'])),
+      overwrite=top['overwrite'], restart=top['restart'],
       case=resolve(dict(case), workdir) if case.get('name') else None,
       models={k: resolve(str(v), workdir)
               for k, v in (_plain(c.get('models')) or {}).items()},

@@ -5,9 +5,11 @@
 models and abilities jobs name, each ability's rendering, metric and
 matching). `check_models(plan)` reads only small files of each checkpoint
 (config.json or model_config.json, the safetensors index and headers, the
-tokenizer) and fails on a missing directory, an unreadable checkpoint, or
-models that do not share architecture and tokenizer. `check_data(plan)`
-checks that every data file exists and that its first record has the fields
+tokenizer) and fails on a missing directory, an unreadable checkpoint,
+models that do not share architecture and tokenizer, or a param dimension
+the mesh does not divide. `check_mesh(plan)` builds the run's mesh after
+checking it against the devices and the batch sizes it shards.
+`check_data(plan)` checks that every data file exists and that its first record has the fields
 its ability reads (any file type, `save_to_disk` directory or Hub data set
 name `data.load_records` reads). Unknown config keys are rejected by `jobs.
 plan_from_config` (and by `config_flags` when overridden).
@@ -34,6 +36,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
 
 from act_jax import data
@@ -44,6 +47,7 @@ from act_jax.eval import metrics as eval_metrics
 from act_jax.io import models as models_io
 from act_jax.model import capture
 from act_jax.model import forward
+from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.train import finetune
@@ -273,10 +277,13 @@ def check_plan(plan: jobs_lib.Plan) -> None:
               f'({", ".join(sorted(plan.abilities))})')
 
 
-def check_models(plan: jobs_lib.Plan) -> dict[str, ModelConfig]:
+def check_models(plan: jobs_lib.Plan,
+                 mesh: jax.sharding.Mesh | None = None
+                 ) -> dict[str, ModelConfig]:
   """All models exist (a Hub id is fetched or found in the cache), are
-  readable, share architecture and tokenizer; a chat ability's tokenizer
-  has a chat template. Returns their configs."""
+  readable, share architecture and tokenizer (and `mesh`, if given, divides
+  every param dimension it shards); a chat ability's tokenizer has a chat
+  template. Returns their configs."""
   try:
     dirs = {n: models_io.resolve_model(plan.models[n])
             for n in plan.model_names}
@@ -293,7 +300,57 @@ def check_models(plan: jobs_lib.Plan) -> dict[str, ModelConfig]:
           f'{job.base} ({plan.models[job.base]}) has no chat template '
           '(chat_template.jinja or tokenizer_config.json chat_template); '
           'use template qa')
+  if mesh is not None and cfgs:
+    name = next(iter(cfgs))
+    check_model_mesh(cfgs[name], mesh, f'model {name} ({dirs[name]})')
   return cfgs
+
+
+def check_model_mesh(cfg, mesh: jax.sharding.Mesh, where: str) -> None:
+  """Raises PreflightError naming the first param dimension the mesh axis it
+  would be sharded over does not divide (and the mesh)."""
+  bad = sharding.indivisible(mesh, forward.logical_axes(cfg),
+                             forward.abstract_params(cfg))
+  if bad:
+    path, name, size, axes, total = bad[0]
+    raise PreflightError(
+        f'{where}: param {path} has {name} = {size}, which mesh axis '
+        f'{"x".join(axes)} = {total} of --config.mesh_shape='
+        f'{",".join(str(v) for v in mesh.shape.values())} does not divide '
+        f'({len(bad)} such dimensions); choose mesh sizes that divide it')
+
+
+def check_mesh(plan: jobs_lib.Plan) -> jax.sharding.Mesh:
+  """The run's mesh, after checking `mesh_shape` fits this run's devices
+  and divides the batch sizes sharded over ('data', 'fsdp').
+
+  Raises:
+    PreflightError naming the mesh and the device count or the field.
+  """
+  shape = plan.mesh_shape
+  spec = ','.join(str(v) for v in shape)
+  n = jax.device_count()
+  where = (f'the {n} devices of this run ({jax.process_count()} '
+           f'process(es) x {jax.local_device_count()})')
+  known = int(np.prod([v for v in shape if v != -1]))
+  if n % known or (-1 not in shape and known != n):
+    raise PreflightError(f'--config.mesh_shape={spec} ({known} devices) does '
+                         f'not divide {where}')
+  sizes = tuple(n // known if v == -1 else v for v in shape)
+  rows = sizes[0] * sizes[1]
+  batches = [('collect.batch_size', plan.collect.batch_size,
+              plan.collect.batch_size * jax.process_count()),
+             ('train.batch_size', plan.train.batch_size,
+              plan.train.batch_size)]
+  for field, value, total in batches:
+    if total % rows:
+      per = (f' (x {jax.process_count()} processes = {total} rows)'
+             if total != value else '')
+      raise PreflightError(
+          f'--config.{field}={value}{per} does not divide over the mesh '
+          f'batch axes data x fsdp = {sizes[0]} x {sizes[1]} of '
+          f'--config.mesh_shape={spec}')
+  return sharding.make_mesh(sizes)
 
 
 def _first_record(path: str) -> dict:

@@ -3,8 +3,8 @@
 Each stage writes under `workdir/<stage>/`. While it runs it writes into
 `workdir/<stage>.partial/` (a stage may keep resumable sub-artifacts there:
 `StageContext.sub_done` / `sub_dir`); on success it writes `COMPLETE.json`
-(time, wall seconds, peak resident memory, the stage's drift key and config
-snapshot) and renames the folder to `workdir/<stage>/`. So a finished stage
+(time, wall seconds, peak resident memory, the device mesh it ran on, the
+stage's drift key and config snapshot) and renames the folder to `workdir/<stage>/`. So a finished stage
 is skipped on rerun, a killed stage resumes from its finished sub-artifacts,
 and nothing half-written ever sits under a final name.
 
@@ -94,6 +94,7 @@ class Stage:
   code: tuple[str, ...] = ()  # act_jax paths it runs ('model', 'act/...')
   paths: tuple[str, ...] = ()  # model dirs / data files it reads (content)
   follow_symlinks: bool = False  # model dirs may link outside themselves
+  mesh: Any = None  # the device mesh it runs on (sharding.describe)
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -325,6 +326,7 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
       'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
       'wall_s': round(time.time() - t0, 2),
       'peak_rss_mb': round(peak[0], 1),
+      'mesh': stage.mesh,
       **key,
       'summary': summary if summary is not None else {},
   }

@@ -18,6 +18,13 @@
   export        per job: each saved result (act, act_ft) as an HF directory
                 with a Hub model card and HF-named channel masks
                 (pipeline/export.py)
+Every stage but build_models (the case chooses its devices) runs on the one
+mesh of `config.mesh_shape` (`make_stages(plan, mesh)`): params are
+restored straight onto it and statistics, fine-tune and evaluation run on
+it; a stage that placed arrays on any other mesh or device fails by name,
+and its COMPLETE.json records the mesh. Under jax.distributed every process
+runs every stage body; process 0 writes the small artifacts while the
+others wait (`_primary`), and params dirs are written collectively.
 Artifacts (every write is atomic; sub-artifacts make killed stages resume):
   convert/<model>/                        params dir
   collect/<ability>/{half0,half1,full}/   statistics (io.stats)
@@ -50,6 +57,7 @@ import jax
 import numpy as np
 
 from act_jax import data
+from act_jax import distributed
 from act_jax.act import analysis
 from act_jax.act import collect as collect_lib
 from act_jax.act import localize as localize_lib
@@ -62,9 +70,11 @@ from act_jax.io import params as params_io
 from act_jax.io import stats as stats_io
 from act_jax.model import capture
 from act_jax.model import forward
+from act_jax.model import sharding
 from act_jax.pipeline import candidates as cand_lib
 from act_jax.pipeline import export as export_lib
 from act_jax.pipeline import jobs as jobs_lib
+from act_jax.pipeline import preflight
 from act_jax.pipeline import report as report_lib
 from act_jax.pipeline import runner
 from act_jax.train import finetune as finetune_lib
@@ -86,8 +96,15 @@ CODE = {
 }
 
 
-def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
-  """The ordered stages of `plan` (each body gets only what it needs)."""
+def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
+               ) -> list[runner.Stage]:
+  """The ordered stages of `plan` (each body gets only what it needs).
+
+  `mesh` (default: built from `plan.mesh_shape`) is the one every stage but
+  build_models runs on.
+  """
+  if mesh is None:
+    mesh = sharding.make_mesh(plan.mesh_shape)
   snap = jobs_lib.snapshot
   models = {n: plan.models[n] for n in plan.model_names}
   probed = {a: plan.abilities[a] for a in plan.probed_abilities}
@@ -97,7 +114,10 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
         'build_models', lambda ctx: build_models(plan.case, ctx),
         snapshot=snap(plan.case), code=CODE['build_models']))
   pre = ('build_models',) if plan.case else ()
-  S = runner.Stage  # pylint: disable=invalid-name
+  def S(name, body, **kw):  # pylint: disable=invalid-name
+    return runner.Stage(name, on_mesh(name, mesh, body),
+                        mesh=sharding.describe(mesh), **kw)
+
   # The files each stage reads from outside the workdir's stage chain: their
   # content fingerprints enter its drift key (runner.drift_key).
   def files(use, names):
@@ -105,30 +125,31 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
                  if getattr(plan.abilities[a], use))
 
   evaluated = tuple(a for j in plan.jobs for a in j.abilities)
-  out.append(S('convert', lambda ctx: convert(plan.convert, models, ctx),
+  out.append(S('convert', lambda ctx: convert(plan.convert, models, ctx,
+                                              mesh),
                inputs=pre, snapshot=snap(plan.convert, models),
                code=CODE['convert'], paths=tuple(models.values()),
                follow_symlinks=plan.convert.follow_symlinks))
   out.append(S('collect', lambda ctx: collect(plan.collect, probed,
-                                              plan.model_names, ctx),
+                                              plan.model_names, ctx, mesh),
                inputs=('convert',), snapshot=snap(plan.collect, probed,
                                                   plan.model_names),
                code=CODE['collect'], paths=files('probe', probed)))
-  out.append(S('localize', lambda ctx: localize(plan, ctx),
+  out.append(S('localize', lambda ctx: localize(plan, ctx, mesh),
                inputs=('convert', 'collect'),
                snapshot=snap(plan.localize, plan.scores, plan.rhos,
                              plan.jobs), code=CODE['localize']))
   if plan.modes != ('analyze',):
-    out.append(S('transfer', lambda ctx: transfer(plan, ctx),
+    out.append(S('transfer', lambda ctx: transfer(plan, ctx, mesh),
                  inputs=('convert', 'localize'),
                  snapshot=snap(plan.localize, plan.transfer, plan.jobs),
                  code=CODE['transfer']))
-    out.append(S('finetune', lambda ctx: finetune(plan, ctx),
+    out.append(S('finetune', lambda ctx: finetune(plan, ctx, mesh),
                  inputs=('convert', 'localize', 'transfer'),
                  snapshot=snap(plan.train, plan.sft, plan.abilities,
                                plan.jobs), code=CODE['finetune'],
                  paths=files('sft', plan.abilities)))
-    out.append(S('evaluate', lambda ctx: evaluate(plan, ctx),
+    out.append(S('evaluate', lambda ctx: evaluate(plan, ctx, mesh),
                  inputs=('convert', 'localize', 'transfer', 'finetune'),
                  snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
                                plan.transfer, plan.baselines, plan.train,
@@ -141,7 +162,7 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
                ('localize', 'evaluate')))
   if plan.modes != ('analyze',):
     out.append(S('export', lambda ctx: export_lib.export_results(
-        plan, ctx.workdir, ctx.out_dir, ctx.sub_done),
+        plan, ctx.workdir, ctx.out_dir, ctx.sub_done, mesh),
                  inputs=('convert', 'localize', 'transfer', 'finetune',
                          'evaluate', 'report'),
                  snapshot=snap(plan.export, plan.models, plan.localize,
@@ -152,6 +173,46 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
                  code=CODE['export']))
   logging.info('stages: %s', ', '.join(s.name for s in out))
   return out
+
+
+def on_mesh(name: str, mesh: jax.sharding.Mesh, body):
+  """`body` as a stage run that fails if it used another mesh than `mesh`.
+
+  Library calls without a mesh fall back to a default mesh or to one device
+  (`sharding.track_meshes` sees both), which on a pod would mean replicas
+  of every model on every chip; so a forgotten `mesh=` is an error here.
+  """
+  want = sharding.describe(mesh)
+
+  def run(ctx: Ctx):
+    with sharding.track_meshes() as used:
+      out = body(ctx)
+    other = [m for m in used if m != want]
+    if other:
+      raise runner.StageError(
+          f'stage {name!r} placed arrays on {other}, not only on the '
+          f'configured mesh {want} (--config.mesh_shape)')
+    return out
+
+  return run
+
+
+def _primary(tag: str, write, *args, **kwargs) -> None:
+  """Process 0 runs the small write `write(*args)`; every process waits.
+
+  Every process calls this at the same point (whatever the file system
+  says), so the barrier always matches and later reads see the file.
+  """
+  if distributed.is_primary():
+    write(*args, **kwargs)
+  distributed.barrier(tag)
+
+
+def _done(ctx: Ctx, sub: str) -> bool:
+  """`ctx.sub_done(sub)`, decided by all processes at the same moment (a
+  process ahead of the others could otherwise already have written it)."""
+  distributed.barrier(f'{ctx.name}:check:{sub}')
+  return ctx.sub_done(sub)
 
 
 def _model_dir(ctx: Ctx, name: str) -> str:
@@ -174,19 +235,22 @@ def build_models(case: dict[str, Any], ctx: Ctx) -> dict:
 
 
 def convert(convert_cfg: jobs_lib.ConvertConfig, models: dict[str, str],
-            ctx: Ctx) -> dict:
+            ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Every needed model -> `convert/<model>/` params dir (resumable).
 
   A model given as a Hub id (`org/name`) is read from its local snapshot
   (`models_io.resolve_model`)."""
   models = {n: models_io.resolve_model(p) for n, p in models.items()}
   follow = convert_cfg.follow_symlinks
-  models_io.check_related(models, follow_symlinks=follow)
+  cfgs = models_io.check_related(models, follow_symlinks=follow)
+  name0 = next(iter(cfgs))
+  preflight.check_model_mesh(cfgs[name0], mesh,
+                             f'model {name0} ({models[name0]})')
   for name, path in models.items():
-    if ctx.sub_done(name):
+    if _done(ctx, name):
       continue
     cfg, params = models_io.load_model(
-        path, param_dtype=convert_cfg.param_dtype or None,
+        path, param_dtype=convert_cfg.param_dtype or None, mesh=mesh,
         follow_symlinks=follow)
     hf_cfg = None
     if os.path.isfile(os.path.join(path, 'config.json')):
@@ -227,7 +291,7 @@ def data_config(ability: jobs_lib.Ability, use: str, max_seq_len: int,
 
 def collect(collect_cfg: jobs_lib.CollectConfig,
             abilities: dict[str, jobs_lib.Ability], names: tuple[str, ...],
-            ctx: Ctx) -> dict:
+            ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Statistics of all models on each probed ability's probe set.
 
   The probe set is split into two disjoint halves (even / odd records);
@@ -235,7 +299,7 @@ def collect(collect_cfg: jobs_lib.CollectConfig,
   """
   dirs = [_model_dir(ctx, n) for n in names]
   tok = models_io.load_tokenizer(dirs[0])
-  loaded = [models_io.load_model(d) for d in dirs]
+  loaded = [models_io.load_model(d, mesh=mesh) for d in dirs]
   cfg = loaded[0][0].replace(dtype=collect_cfg.dtype)
   params = [p for _, p in loaded]
   spec = capture.CaptureSpec(jobs_lib.parse_list(collect_cfg.sites) or
@@ -248,28 +312,31 @@ def collect(collect_cfg: jobs_lib.CollectConfig,
     halves = []
     for h in range(2):
       sub = os.path.join(name, f'half{h}')
-      if not ctx.sub_done(sub):
+      if not _done(ctx, sub):
         dcfg = data_config(ability, 'probe', collect_cfg.max_seq_len,
                            collect_cfg.batch_size, collect_cfg.count_tokens)
         batches, info = data.load_batches(dcfg, tok, records=recs[h::2])
         mine = data.local_batches(batches, jax.process_index(),
                                   jax.process_count())
         flat = collect_lib.collect_stats(
-            params, cfg, mine, spec, ckpt_dir=ctx.sub_dir(sub + '.ckpt'),
+            params, cfg, mine, spec, mesh=mesh,
+            ckpt_dir=ctx.sub_dir(sub + '.ckpt'),
             save_every=collect_cfg.save_every, num_batches=len(mine),
             fingerprint={'probe': info, 'models': list(names)})
         manifest = stats_io.make_manifest(names, cfg, spec.sites,
                                           dict(info, path=ability.probe,
                                                half=h), flat)
-        stats_io.save_stats(ctx.sub_dir(sub), flat, manifest)
-        atomic.remove_tree(ctx.sub_dir(sub + '.ckpt'))
+        _primary(f'collect:{sub}', stats_io.save_stats, ctx.sub_dir(sub),
+                 flat, manifest)
+        _primary(f'collect:{sub}.ckpt', atomic.remove_tree,
+                 ctx.sub_dir(sub + '.ckpt'))
       halves.append(stats_io.load_stats(ctx.sub_dir(sub)))
     full = stats_io.add_stats(halves)
-    stats_io.save_stats(ctx.sub_dir(os.path.join(name, 'full')), full,
-                        dict(halves[0].manifest, num_tokens=int(
-                            full['count'][0]), probe={
-                                'path': ability.probe, 'halves': 2}),
-                        overwrite=True)  # a resumed stage writes it again
+    _primary(f'collect:{name}/full', stats_io.save_stats,
+             ctx.sub_dir(os.path.join(name, 'full')), full,
+             dict(halves[0].manifest, num_tokens=int(full['count'][0]),
+                  probe={'path': ability.probe, 'halves': 2}),
+             overwrite=True)  # a resumed stage writes it again
     out[name] = {'tokens': int(full['count'][0]), 'texts': len(recs)}
   return out
 
@@ -292,7 +359,7 @@ def pair_stats(collect_dir: str, pair: jobs_lib.Pair
   return out
 
 
-def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+def localize(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Scores of the sweep, primary masks and the analyses, per job pair."""
   names = list(plan.model_names)
   loc = plan.localize
@@ -301,7 +368,7 @@ def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
               'overlap_scores': {}, 'overlap': {}}
   for job in plan.jobs:
     builder = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
-                               ctx.out_dir)
+                               ctx.out_dir, mesh=mesh)
     cfg = builder.config()
     for k, pair in enumerate(job.pairs):
       key = f'{job.name}/{pair.ability}'
@@ -320,7 +387,7 @@ def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
                                       builder.params(pair.target), sites)
       arrays.update({f'weight_diff/{s}': a for s, a in wd.items()})
       path = cand_lib.scores_path(ctx.out_dir, job.name, pair.ability)
-      stats_io.save_scores(path, arrays)
+      _primary(f'localize:{key}:scores', stats_io.save_scores, path, arrays)
       act_scores = {s: stats_io.load_scores(path, s) for s in plan.scores}
       meta = {'job': job.name, 'ability': pair.ability,
               'source': pair.source, 'target': pair.target,
@@ -334,9 +401,8 @@ def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
             weight_scores=wd, loc=loc, cfg=cfg, seed=loc.seed + k)
         masks[kind] = m
         sub = os.path.join(key, kind)
-        if not ctx.sub_done(sub):
-          masks_lib.save_masks(ctx.sub_dir(sub), m, dict(meta, kind=kind),
-                               scores=sc)
+        _primary(f'localize:{sub}', _save_masks_once, ctx, sub, m,
+                 dict(meta, kind=kind), sc)
       found[key] = masks['act']
       summary[key] = {'channels': int(masks_lib.count(masks['act'])),
                       'total': int(sum(np.size(v) for v in
@@ -345,8 +411,14 @@ def localize(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
   for k1, k2 in itertools.combinations(sorted(found), 2):
     analyses['overlap'][f'{k1} vs {k2}'] = analysis.overlap(found[k1],
                                                             found[k2])
-  atomic.write_json(ctx.sub_dir('analysis.json'), analyses)
+  _primary('localize:analysis', atomic.write_json,
+           ctx.sub_dir('analysis.json'), analyses)
   return summary
+
+
+def _save_masks_once(ctx: Ctx, sub: str, mask, meta, scores) -> None:
+  if not ctx.sub_done(sub):
+    masks_lib.save_masks(ctx.sub_dir(sub), mask, meta, scores=scores)
 
 
 def _analyze(plan, key, act_scores, wd, path, cfg, out) -> None:
@@ -385,7 +457,7 @@ def _brief(o: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------- transfer, finetune
 
 
-def transfer(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+def transfer(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """The primary ACT transplant (recover) or merge of each job."""
   out = {}
   for job in plan.jobs:
@@ -393,9 +465,9 @@ def transfer(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
       continue
     sub = os.path.join(job.name, 'act')
     b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
-                         ctx.input_dir('localize'))
+                         ctx.input_dir('localize'), mesh=mesh)
     cand = cand_lib.primary(plan, finetune=False)
-    if not ctx.sub_done(sub):
+    if not _done(ctx, sub):
       params_io.save_params_dir(ctx.sub_dir(sub), b.build(cand), b.config(),
                                 tokenizer_dir=_model_dir(ctx, job.base),
                                 meta={'candidate': cand.name})
@@ -466,7 +538,7 @@ def _tokenize_mixed(records, sources, tokenizer, tc):
 
 
 def compat_finetune(plan: jobs_lib.Plan, params, cfg, mask, batches,
-                    workdir: str, scope: str | None = None):
+                    workdir: str, scope: str | None = None, mesh=None):
   """The compatibility fine-tune (or, scope 'full', the full-FT baseline)."""
   tc = plan.train
   if scope is not None:
@@ -474,10 +546,10 @@ def compat_finetune(plan: jobs_lib.Plan, params, cfg, mask, batches,
                              lean=tc.lean and scope == 'channels')
   tree = None if tc.scope == 'full' else masks_lib.leaf_masks(mask, params)
   return finetune_lib.finetune(tc, params, cfg, batches, mask=tree,
-                               workdir=workdir)
+                               mesh=mesh, workdir=workdir)
 
 
-def finetune(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+def finetune(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Compatibility fine-tune of each job's primary ACT result (nothing
   when `sweep.finetune` has no `act`)."""
   out = {}
@@ -487,18 +559,18 @@ def finetune(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
     if job.analyze_only:
       continue
     sub = os.path.join(job.name, 'act_ft')
-    if ctx.sub_done(sub):
+    if _done(ctx, sub):
       continue
     b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
-                         ctx.input_dir('localize'))
+                         ctx.input_dir('localize'), mesh=mesh)
     cand = cand_lib.primary(plan, finetune=True)
     cfg, start = models_io.load_model(os.path.join(
-        ctx.input_dir('transfer'), job.name, 'act'))
+        ctx.input_dir('transfer'), job.name, 'act'), mesh=mesh)
     tok = models_io.load_tokenizer(_model_dir(ctx, job.base))
     batches, info = sft_batches(plan, job, tok)
     mask = b.train_mask(cand)
     new = compat_finetune(plan, start, cfg, mask, batches,
-                          ctx.sub_dir(job.name + '_work'))
+                          ctx.sub_dir(job.name + '_work'), mesh=mesh)
     params_io.save_params_dir(ctx.sub_dir(sub), new, cfg,
                               tokenizer_dir=_model_dir(ctx, job.base),
                               meta={'candidate': cand.name, 'sft': info})
@@ -529,7 +601,7 @@ def eval_sets(plan: jobs_lib.Plan, names, tokenizer) -> dict[str, dict]:
 
 
 def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
-                    stop_ids, label: str = '',
+                    stop_ids, mesh=None, label: str = '',
                     seconds: dict[str, float] | None = None
                    ) -> dict[str, dict[str, Any]]:
   """`{ability: {metric: value, 'items': per-item outcomes}}` of one model.
@@ -543,7 +615,7 @@ def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
     t0 = time.time()
     a = plan.abilities[name]
     if s['metric'] == 'perplexity':
-      r = eval_metrics.perplexity(params, cfg, s['batches'])
+      r = eval_metrics.perplexity(params, cfg, s['batches'], mesh=mesh)
       out[name] = {'perplexity': r['ppl'], 'nll': r['nll'],
                    'items': r['items']}
     else:
@@ -551,7 +623,8 @@ def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
           params, cfg, tokenizer, s['items'], match=a.match,
           pattern=a.pattern, contains_tokens=a.contains_tokens,
           max_new_tokens=a.max_new_tokens,
-          batch_size=plan.evaluate.gen_batch_size, stop_ids=stop_ids)
+          batch_size=plan.evaluate.gen_batch_size, stop_ids=stop_ids,
+          mesh=mesh)
       out[name] = {'exact_match': r['acc'], 'items': r['items']}
     seconds[name] = dt = time.time() - t0
     n = len(s['items'] if 'items' in s else out[name]['items']['nll'])
@@ -570,14 +643,14 @@ def _moved(builder: cand_lib.Builder, cand: cand_lib.Candidate) -> int | None:
   return optim.mask_counts(optim.normalize_mask(tree, params), params)[0]
 
 
-def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
+def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Every candidate of every job on every evaluated ability."""
   out = {}
   for job in plan.jobs:
     if job.analyze_only:
       continue
     b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
-                         ctx.input_dir('localize'))
+                         ctx.input_dir('localize'), mesh=mesh)
     cfg = b.config()
     base_dir = _model_dir(ctx, job.base)
     tok = models_io.load_tokenizer(base_dir)
@@ -590,7 +663,7 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
     t0, done, seconds = time.time(), 0, {}
     for n, cand in enumerate(cands, start=1):
       sub = os.path.join(job.name, cand.file)
-      if ctx.sub_done(sub):
+      if _done(ctx, sub):
         continue
       logging.info('evaluate %s: %d/%d %s started (ETA %s)', job.name, n,
                    len(cands), cand.name,
@@ -601,7 +674,7 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
       if cand.name in primary:
         stage, leaf = primary[cand.name]
         params = models_io.load_model(os.path.join(
-            ctx.input_dir(stage), job.name, leaf))[1]
+            ctx.input_dir(stage), job.name, leaf), mesh=mesh)[1]
       else:
         params = b.build(cand)
         if cand.finetune:
@@ -614,26 +687,27 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
           params = compat_finetune(
               plan, params, cfg,
               None if cand.kind == 'full_ft' else b.train_mask(cand),
-              sft[0], work, scope='full' if cand.kind == 'full_ft' else None)
+              sft[0], work, scope='full' if cand.kind == 'full_ft' else None,
+              mesh=mesh)
           info['finetune_s'] = round(time.time() - tf, 2)
           info['sft'] = sft[1]
       info['params_moved'] = _moved(b, cand)
       info['num_params'] = forward.count_params(params)
       te = time.time()
       info['metrics'] = evaluate_params(
-          params, cfg, sets, tok, plan, stop_ids, seconds=seconds,
+          params, cfg, sets, tok, plan, stop_ids, mesh, seconds=seconds,
           label=f'{job.name} {n}/{len(cands)} {cand.name}')
       info['eval_s'] = round(time.time() - te, 2)
       info['wall_s'] = round(time.time() - t1, 2)
       # Per-item samples (lm-eval --log_samples style) before the metrics
       # file, whose presence marks the candidate done.
       for a, m in info['metrics'].items():
-        data.write_jsonl(ctx.sub_dir(os.path.join(
-            job.name, eval_metrics.samples_file(cand.name, a))),
-                         eval_metrics.sample_rows(m['items']))
-      atomic.write_json(ctx.sub_dir(sub), info)
-      atomic.remove_tree(ctx.sub_dir(os.path.join(job.name,
-                                                  cand.name + '.work')))
+        _primary(f'evaluate:{sub}:{a}', data.write_jsonl, ctx.sub_dir(
+            os.path.join(job.name, eval_metrics.samples_file(cand.name, a))),
+                 eval_metrics.sample_rows(m['items']))
+      _primary(f'evaluate:{sub}', atomic.write_json, ctx.sub_dir(sub), info)
+      _primary(f'evaluate:{sub}.work', atomic.remove_tree,
+               ctx.sub_dir(os.path.join(job.name, cand.name + '.work')))
       done += 1
       rate = (time.time() - t0) / done
       logging.info('evaluate %s: %d/%d %s (%.0fs; ETA %.0fs): %s', job.name,
@@ -648,8 +722,9 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
       table[cand.name] = {a: {k: v for k, v in m.items()
                               if k not in ('items', 'nll')}
                           for a, m in rec['metrics'].items()}
-    atomic.write_json(ctx.sub_dir(job.name + '.json'),
-                      {'results': table, 'order': [c.name for c in cands]})
+    _primary(f'evaluate:{job.name}.json', atomic.write_json,
+             ctx.sub_dir(job.name + '.json'),
+             {'results': table, 'order': [c.name for c in cands]})
     out[job.name] = {'candidates': len(cands)}
   return out
 
@@ -657,6 +732,8 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
 def report(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
   """report.md, plots and results.json; copied to the workdir root (and to
   `report.out` when set)."""
+  if not distributed.is_primary():
+    return {}  # the report reads artifacts only: process 0 writes it
   info = report_lib.build_report(ctx.workdir, ctx.out_dir, plan)
   for name in ('results.json', 'report.md'):
     with open(os.path.join(ctx.out_dir, name), encoding='utf-8') as f:

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from act_jax import distributed
 from act_jax.io import atomic
 from act_jax.io import inputs as inputs_lib
 from act_jax.model import forward
@@ -413,8 +414,9 @@ def _check_resume(workdir: str, tc: TrainConfig,
           f'{changed} changed since the interrupted fine-tune in {workdir}; '
           f'{inputs_lib.RESTART_HINT}')
     return
-  atomic.write_json(ipath, inputs)
-  atomic.write_json(path, cur)
+  if distributed.is_primary():  # one writer; every process checks it above
+    atomic.write_json(ipath, inputs)
+    atomic.write_json(path, cur)
 
 
 def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
@@ -461,7 +463,9 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
   # The step donates its params; copy so the caller's arrays stay valid.
   params = jax.device_put(jax.tree.map(jnp.copy, params), param_sh)
   opt_state = jax.jit(opt.tx.init, out_shardings=state_sh)(params)
-  rng = jax.random.key_data(jax.random.key(tc.seed))
+  # Replicated on the mesh, so a multi-process checkpoint can save it.
+  rng = jax.device_put(
+      np.asarray(jax.random.key_data(jax.random.key(tc.seed))), rep)
   start = 0
   mgr = None
   if workdir:
@@ -478,7 +482,7 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
           'opt_state': jax.tree.map(
               lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
               opt_state, state_sh),
-          'rng': jax.ShapeDtypeStruct(rng.shape, rng.dtype),
+          'rng': jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep),
       }
       restored = mgr.restore(latest, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
@@ -489,11 +493,15 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
       start = int(restored['meta']['step'])
       logging.info('resumed from %s at step %d', mgr.directory, start)
 
-  logger = train_metrics.MetricsLogger(workdir, tc.num_steps)
+  # Process 0 logs (metrics are replicated: every process has the same).
+  logger = train_metrics.MetricsLogger(
+      workdir if distributed.is_primary() else None, tc.num_steps)
   last_time, last_step = time.time(), start
   try:
     for step in range(start, tc.num_steps):
       batch = first if step == 0 else source.get(step)
+      # Every process holds the whole batch; each fills its own shards.
+      batch = {k: sharding.put(v, batch_sh[k]) for k, v in batch.items()}
       params, opt_state, metrics = step_fn(params, opt_state, batch,
                                            jnp.asarray(step, jnp.int32), masks)
       metrics = jax.device_get(metrics)

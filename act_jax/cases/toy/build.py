@@ -22,6 +22,7 @@ from absl import logging
 import jax
 
 from act_jax import data
+from act_jax import distributed
 from act_jax.cases.toy import abilities
 from act_jax.cases.toy import batches
 from act_jax.cases.toy import tokenizer
@@ -108,19 +109,25 @@ def model_config(toy_cfg) -> ModelConfig:
       max_position_embeddings=toy_cfg.seq_len, rms_norm_eps=1e-6)
 
 
+def data_paths(out_dir: str) -> dict[str, dict[str, str]]:
+  """`{ability: {split: path}}` of the records `write_data` writes."""
+  return {name: {split: os.path.join(out_dir, 'data', name,
+                                     f'{split}.jsonl')
+                 for split in ('probe', 'eval', 'sft')}
+          for name in sorted(abilities.ABILITIES)}
+
+
 def write_data(toy_cfg, out_dir: str) -> dict[str, dict[str, str]]:
   """Probe / eval / SFT records of every ability; returns their paths."""
-  paths = {}
+  paths = data_paths(out_dir)
   for i, name in enumerate(sorted(abilities.ABILITIES)):
-    paths[name] = {}
     for split, n in (('probe', toy_cfg.num_probe), ('eval', toy_cfg.num_eval),
                      ('sft', toy_cfg.num_sft)):
-      path = os.path.join(out_dir, 'data', name, f'{split}.jsonl')
+      path = paths[name][split]
       seed = toy_cfg.seed * 1000 + _SPLIT_SEED[split] + i
       if not os.path.exists(path):
         atomic.write_text(path, ''.join(
             json.dumps(r) + '\n' for r in abilities.records(name, n, seed)))
-      paths[name][split] = path
   return paths
 
 
@@ -148,7 +155,7 @@ def eval_sets(tok, eval_paths: dict[str, str], seq_len: int) -> dict:
   return out
 
 
-def score_all(params, cfg: ModelConfig, tok, sets: dict
+def score_all(params, cfg: ModelConfig, tok, sets: dict, mesh=None
               ) -> dict[str, dict[str, float]]:
   """`{ability: {metric: value}}` for one model."""
   out = {}
@@ -156,12 +163,23 @@ def score_all(params, cfg: ModelConfig, tok, sets: dict
     if metric == 'exact_match':
       r = eval_metrics.generation(
           params, cfg, tok, x, match='exact', batch_size=256,
-          max_new_tokens=abilities.get(name).max_answer_chars + 1)
+          max_new_tokens=abilities.get(name).max_answer_chars + 1, mesh=mesh)
       out[name] = {'exact_match': r['acc']}
     else:
-      out[name] = {'perplexity': eval_metrics.perplexity(params, cfg,
-                                                         x)['ppl']}
+      out[name] = {'perplexity': eval_metrics.perplexity(
+          params, cfg, x, mesh=mesh)['ppl']}
   return out
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """This process's first device alone.
+
+  The toy model is far too small to gain from splitting its batch, and
+  under many (fake CPU) devices splitting only adds overhead. Under
+  jax.distributed every process trains the same models on its own device
+  (same seeds, same program, same result) and process 0 writes them.
+  """
+  return sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
 
 
 def train_config(toy_cfg, steps: int, lr: float,
@@ -186,17 +204,29 @@ def _train(params, cfg, toy_cfg, weights, steps, lr, seed, name):
   arrays = batches.pack_records(recs, toy_cfg.seq_len,
                                 num_rows=steps * toy_cfg.batch_size)
   it = batches.iterate(arrays, toy_cfg.batch_size, seed, steps)
-  # One device: the toy model is far too small to gain from splitting its
-  # batch, and under many (fake CPU) devices splitting only adds overhead.
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  mesh = local_mesh()
   logging.info('toy: training %s for %d steps (lr %g)', name, steps, lr)
   return finetune.finetune(train_config(toy_cfg, steps, lr, seed), params, cfg,
                            it, mesh=mesh)
 
 
 def _save(params, cfg, out, tok_dir):
+  # Host copies: every process holds the same model (see `local_mesh`).
   hf.save_hf(jax.device_get(params), cfg, out, tokenizer_dir=tok_dir,
              model_card='A toy act-jax model (see act_jax/cases/toy).\n')
+
+
+def _primary(tag: str, write, *args) -> None:
+  """Process 0 writes; every process waits until it has."""
+  if distributed.is_primary():
+    write(*args)
+  distributed.barrier(tag)
+
+
+def _make_tokenizer(tok_dir: str) -> None:
+  if not os.path.exists(tok_dir):
+    with atomic.atomic_dir(tok_dir, collective=False) as tmp:
+      tokenizer.make_tokenizer(tmp)
 
 
 def build(case_cfg: dict, out_dir: str) -> dict:
@@ -207,10 +237,9 @@ def build(case_cfg: dict, out_dir: str) -> dict:
   toy_cfg = config(case_cfg)
   cfg = model_config(toy_cfg)
   tok_dir = os.path.join(out_dir, 'tokenizer')
-  if not os.path.exists(tok_dir):
-    with atomic.atomic_dir(tok_dir, collective=False) as tmp:
-      tokenizer.make_tokenizer(tmp)
-  paths = write_data(toy_cfg, out_dir)
+  _primary('toy:tokenizer', _make_tokenizer, tok_dir)
+  _primary('toy:data', write_data, toy_cfg, out_dir)
+  paths = data_paths(out_dir)
   tok = models_io.load_tokenizer(tok_dir)
   sets = eval_sets(tok, {a: p['eval'] for a, p in paths.items()},
                    toy_cfg.seq_len)
@@ -221,11 +250,13 @@ def build(case_cfg: dict, out_dir: str) -> dict:
             else {'models': {}})
 
   def record(name, params):
-    report['models'][name] = {'scores': score_all(params, cfg, tok, sets)}
+    report['models'][name] = {'scores': score_all(params, cfg, tok, sets,
+                                                  local_mesh())}
     logging.info('toy %s: %s', name, report['models'][name]['scores'])
-    atomic.write_json(report_path, report)
+    _primary(f'toy:report:{name}', atomic.write_json, report_path, report)
 
   base_dir = os.path.join(out_dir, 'base')
+  distributed.barrier('toy:base')  # every process decides alike below
   if not os.path.exists(base_dir):
     params = forward.init_params(cfg, jax.random.key(toy_cfg.seed))
     params = _train(params, cfg, toy_cfg, mixture, toy_cfg.base_steps,
@@ -235,6 +266,7 @@ def build(case_cfg: dict, out_dir: str) -> dict:
   _, base = hf.load_hf_params(base_dir)
   for k, (name, ability) in enumerate(sorted(specialists.items())):
     out = os.path.join(out_dir, name)
+    distributed.barrier(f'toy:{name}')
     if os.path.exists(out):
       continue
     params = _train(base, cfg, toy_cfg, {ability: 1.0}, toy_cfg.spec_steps,
@@ -243,5 +275,5 @@ def build(case_cfg: dict, out_dir: str) -> dict:
     _save(params, cfg, out, tok_dir)
   report['data'] = paths
   report['model_config'] = cfg.to_dict()
-  atomic.write_json(report_path, report)
+  _primary('toy:report', atomic.write_json, report_path, report)
   return {'scores': {k: v['scores'] for k, v in report['models'].items()}}
