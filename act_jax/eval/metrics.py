@@ -58,7 +58,11 @@ def _batch_axes_size(mesh) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(cfg: ModelConfig, mesh):
+def scoring_program(cfg: ModelConfig, mesh):
+  """`(jitted, param_sh, batch_sh)`: the per-row scoring forward every
+  metric runs, `jitted(params, batch) -> (sum log-probs [B], counts [B])`
+  (batch keys `losses.REQUIRED_KEYS`, global arrays on `batch_sh`). Public
+  so a plan can compile it ahead of time (benchmarks/plan_7b.py)."""
   param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg),
                                      forward.abstract_params(cfg))
   batch_sh = sharding.named_sharding(mesh, ('batch', 'length'))
@@ -68,15 +72,8 @@ def _jitted(cfg: ModelConfig, mesh):
   def run(params, batch):
     return losses.sequence_logprobs(params, batch, cfg)
 
-<<<<<<< HEAD
   return jax.jit(run, in_shardings=(param_sh, batch_sh),
-                 out_shardings=out_sh), param_sh
-=======
-  fn = jax.jit(run, in_shardings=(param_sh, batch_sh), out_shardings=out_sh)
-  # Host batches become global arrays (numpy into sharded in_shardings is
-  # refused in multi-process runs).
-  return lambda params, batch: fn(params, sharding.put(batch, batch_sh))
->>>>>>> issue15
+                 out_shardings=out_sh), param_sh, batch_sh
 
 
 def _pad_rows(batch: dict[str, np.ndarray], multiple: int):
@@ -98,9 +95,9 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
   All batches are dispatched before the results are fetched.
   """
   mesh = mesh or sharding.make_mesh()
-  fn, param_sh = _jitted(cfg, mesh)
+  fn, param_sh, batch_sh = scoring_program(cfg, mesh)
   # Placed once: params on another sharding would be copied on every call.
-  params = jax.device_put(params, param_sh)
+  params = sharding.put(params, param_sh)
   pending, real = [], []
   for batch in batches:
     batch = losses.as_loss_batch(batch)
@@ -108,6 +105,9 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
     batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
     real.append(batch['attention_mask_bt'].any(-1))
     batch, n = _pad_rows(batch, _batch_axes_size(mesh))
+    # Host batches become global arrays (numpy into sharded in_shardings is
+    # refused in multi-process runs).
+    batch = sharding.put(batch, batch_sh)
     with sharding.activation_sharding(mesh):
       pending.append((n, fn(params, batch)))
   if not pending:
