@@ -124,8 +124,9 @@ def run_method(method: str, work: str) -> None:
   from act_jax.io import models  # pylint: disable=g-import-not-at-top
   cfg = models.load_config(dirs[0])
   if method == 'act_transplant':
-    stream.transfer_checkpoints('act', dirs[0], dirs[1:2], out, masks=_act_masks(
-        cfg, 1, FLAGS.top_frac), overwrite=True)
+    stream.transfer_checkpoints('act', dirs[0], dirs[1:2], out,
+                                masks=_act_masks(cfg, 1, FLAGS.top_frac),
+                                overwrite=True)
     return
   if method == 'act_merge3':
     stream.transfer_checkpoints('act', dirs[0], dirs[1:], out,
@@ -255,8 +256,11 @@ def main(argv):
     cells.append(f'{r["peak_rss_gb"] / model_gb:.2f}')
     diff = '-'
     if ref and base != 'dare3' and not name.startswith('mergekit_'):
-      diff = f'{_max_diff(os.path.join(work, "out_" + name), os.path.join(work, "out_mergekit_" + base)):.2g}'
-    print(f'| {name} | {_inputs(base)} | ' + ' | '.join(cells) + f' | {diff} |')
+      d = _max_diff(os.path.join(work, 'out_' + name),
+                    os.path.join(work, 'out_mergekit_' + base))
+      diff = f'{d:.2g}'
+    print(f'| {name} | {_inputs(base)} | ' + ' | '.join(cells) +
+          f' | {diff} |')
   print(f'\nabsolute (this machine): ' + ', '.join(
       f'{n} {r["wall_s"]:.1f}s {r["peak_rss_gb"]:.2f}GB'
       for n, r in run.items()) + f'; one input model {model_gb:.2f} GB')

@@ -21,6 +21,7 @@ import torch
 
 from act_jax.model import capture as capture_lib
 from act_jax.model import forward
+from act_jax.model import losses
 from act_jax.io import hf
 from act_jax.model import decoder as model_lib
 
@@ -217,6 +218,29 @@ class InvariantsTest(absltest.TestCase):
     np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(st_u), jax.tree.leaves(st_s)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def test_remat_keeps_loss_and_gradients(self):
+    # Decoder(remat=...) only changes what the backward keeps: the loss and
+    # every gradient equal the plain program's (scanned and unrolled).
+    batch = {'tokens_bt': self.tokens, 'attention_mask_bt': self.mask,
+             'loss_mask_bt': self.mask}
+
+    def grads(params, remat):
+      return jax.value_and_grad(lambda p: losses.nll_sum(
+          p, batch, self.cfg, remat=remat)[0])(params)
+
+    for params in (self.params[0], forward.unstack_layers(self.params[0])):
+      want_loss, want = grads(params, 'none')
+      for remat in ('dots', 'full'):
+        loss, got = grads(params, remat)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+          # Recomputation reorders float32 sums: equal to rounding (the
+          # loss is a sum over tokens, so gradients are O(10)).
+          np.testing.assert_allclose(a, b, rtol=0,
+                                     atol=1e-5 * np.abs(b).max())
+    with self.assertRaises(KeyError):
+      grads(self.params[0], 'some')
 
   def test_pairwise_capture_needs_the_models_vmap(self):
     spec = capture_lib.CaptureSpec(sites=('mlp.up_proj',), pairwise=True)

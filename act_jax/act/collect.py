@@ -42,7 +42,7 @@ from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
 Batch = dict[str, np.ndarray]
-_KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt', 'positions_bt',
+BATCH_KEYS = _KEYS = ('tokens_bt', 'attention_mask_bt', 'token_mask_bt', 'positions_bt',
          'segment_ids_bt')
 
 
@@ -156,10 +156,18 @@ def _fingerprint(cfg, spec, num_models, global_shape, num_batches, extra):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
-              mesh: jax.sharding.Mesh, rules, num_models: int,
-              global_shape: tuple[int, int]):
-  """The jitted step and its shardings (cached: reruns do not recompile)."""
+def compiled_step(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
+                  mesh: jax.sharding.Mesh, rules, num_models: int,
+                  global_shape: tuple[int, int]):
+  """The jitted statistics step and its shardings (cached: reruns do not
+  recompile): `(step, zeros, param_sh, batch_sh, acc_sh, acc_shapes)`.
+
+  `step(acc, stacked_params, batch)` adds one global `[B, T]` batch's sums
+  (batch keys `BATCH_KEYS`; params stacked layer-major,
+  `forward.stack_params(..., layer_major=True)`) into the accumulators;
+  public so a plan can lower and compile it ahead of time
+  (benchmarks/plan_7b.py).
+  """
   abstract = jax.eval_shape(
       lambda p: forward.stack_params([p] * num_models, layer_major=True),
       forward.abstract_params(cfg))
@@ -202,7 +210,7 @@ def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
     raise ValueError('collect_stats: no probe batches')
   local_b, seq = first['tokens_bt'].shape
   global_shape = (local_b * jax.process_count(), seq)
-  step_fn, zeros, param_sh, batch_sh, acc_sh, shapes = _compiled(
+  step_fn, zeros, param_sh, batch_sh, acc_sh, shapes = compiled_step(
       cfg, spec, mesh, tuple(rules), num_models, global_shape)
   stacked = jax.tree.map(_place, stacked, param_sh)
   inputs = json.loads(json.dumps(dict(inputs or {}), sort_keys=True,

@@ -11,7 +11,8 @@ Inside the jitted layer scan each site's activation `h_btc` is reduced over
 the masked tokens to float32 `[C]` vectors (float32 elementwise work and
 sums, no dot: so float32 on TPU and GPU too, whatever the global matmul
 precision); activations never leave the device. With `pairwise=True` (the
-forward must be vmapped over models with `axis_name='models'`), every model also gets the token-aligned
+forward must be vmapped over models with `axis_name='models'`), every model
+also gets the token-aligned
 `sum_t |h_i(t) - h_j(t)|` against every model j: `pair_abs_diff [M, C]`.
 
 How the reductions run (benchmarks/README.md has the measurements): the

@@ -33,6 +33,14 @@ from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
 _NEG_INF = -1e30  # finite, so a fully masked (padding) query stays NaN-free
+# Decoder(remat=...): none keeps all activations for the backward; dots
+# keeps the outputs of the 2-D (weight) matmuls and recomputes attention
+# and elementwise ops; full recomputes the whole layer.
+REMAT_POLICIES = {
+    'none': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': None,
+}
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -158,6 +166,7 @@ class Linear(nn.Module):
         'kernel',
         nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
         (x.shape[-1], self.features), self.param_dtype)
+    kernel = sharding.constrain_weight(kernel, self.axes)
     # A 2-D dot: XLA's CPU backward of a dot contracting over two flattened
     # batch axes was ~1.7x slower than over one (benchmarks/README).
     x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
@@ -200,7 +209,8 @@ class Embed(nn.Module):
 
   def attend(self, x_btd):
     dt = _dtype(self.cfg.dtype)
-    return jnp.einsum('btd,vd->btv', x_btd, self.embedding.astype(dt),
+    emb = sharding.constrain_weight(self.embedding, ('vocab', 'embed'))
+    return jnp.einsum('btd,vd->btv', x_btd, emb.astype(dt),
                       preferred_element_type=jnp.float32)
 
 
@@ -369,6 +379,7 @@ class Decoder(nn.Module):
   capture: capture_lib.CaptureSpec | None = None
   compute_logits: bool = True
   scan_layers: bool = True
+  remat: str = 'none'  # what a backward keeps per layer (REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, tokens_bt, ctx, cache=None):
@@ -382,9 +393,16 @@ class Decoder(nn.Module):
     per_layer = {'window': jnp.asarray(cfg.sliding_windows, jnp.int32)}
     if cache is not None:
       per_layer['cache_k'], per_layer['cache_v'] = cache['k'], cache['v']
+    layer = DecoderLayer
+    if self.remat != 'none':
+      # Recompute inside the backward instead of keeping every layer's
+      # activations: 'dots' keeps only the matmul outputs, 'full' only the
+      # layer input. Forward-only programs are unchanged.
+      layer = nn.remat(layer, prevent_cse=False,
+                       policy=REMAT_POLICIES[self.remat])
     if self.scan_layers:
       layers = nn.scan(
-          DecoderLayer,
+          layer,
           variable_axes={'params': 0, 'slices': 0},
           split_rngs={'params': True},
           in_axes=(nn.broadcast, 0),
@@ -395,7 +413,7 @@ class Decoder(nn.Module):
     else:
       outs = []
       for i in range(cfg.num_layers):
-        x_btd, y = DecoderLayer(cfg, self.capture, name=f'layers_{i}')(
+        x_btd, y = layer(cfg, self.capture, name=f'layers_{i}')(
             x_btd, ctx, jax.tree.map(lambda a, i=i: a[i], per_layer))
         outs.append(y)
       ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)

@@ -132,8 +132,12 @@ def apply(params: Params,
           cache_index: jax.Array | int = 0,
           kv_valid_bs: jax.Array | None = None,
           segment_ids_bt: jax.Array | None = None,
-          slices: Params | None = None) -> Output:
+          slices: Params | None = None,
+          remat: str = 'none') -> Output:
   """Pure forward of one model. See `make_ctx` for the mask arguments.
+
+  `remat` ('none' | 'dots' | 'full', decoder.REMAT_POLICIES) trades a
+  backward's activation memory for recomputation.
 
   With `capture`, statistics of the chosen sites are reduced in-graph over
   `token_mask_bt` (default: non-padding tokens) and returned in float32.
@@ -147,7 +151,7 @@ def apply(params: Params,
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
                  kv_valid_bs, segment_ids_bt)
   model = Decoder(cfg, capture, compute_logits,
-                  scan_layers='layers' in params)
+                  scan_layers='layers' in params, remat=remat)
   variables = {'params': params}
   if slices:
     variables['slices'] = slices

@@ -68,21 +68,23 @@ def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def _target_logprobs(params, batch: dict[str, jax.Array], cfg: ModelConfig,
-                     slices=None) -> tuple[jax.Array, jax.Array]:
+                     slices=None, remat: str = 'none'
+                     ) -> tuple[jax.Array, jax.Array]:
   """(`[B, T-1]` target log-probs, `[B, T-1]` target weights)."""
   out = forward.apply(params, batch['tokens_bt'], cfg,
                       attention_mask_bt=batch['attention_mask_bt'],
                       positions_bt=batch.get('positions_bt'),
                       segment_ids_bt=batch.get('segment_ids_bt'),
-                      slices=slices)
+                      slices=slices, remat=remat)
   return token_logprobs(out.logits, batch['tokens_bt']), target_weights(batch)
 
 
 def nll_sum(params, batch: dict[str, jax.Array], cfg: ModelConfig,
-            slices=None) -> tuple[jax.Array, jax.Array]:
+            slices=None, remat: str = 'none') -> tuple[jax.Array, jax.Array]:
   """(sum of next-token NLL over weighted targets, number of targets);
-  `slices` as in `forward.apply` (weight gradients of selected slices)."""
-  lp, w = _target_logprobs(params, batch, cfg, slices)
+  `slices` as in `forward.apply` (weight gradients of selected slices),
+  `remat` as `forward.apply`."""
+  lp, w = _target_logprobs(params, batch, cfg, slices, remat)
   return -jnp.sum(lp * w), jnp.sum(w)
 
 

@@ -239,6 +239,35 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
     _ACTIVE.pop()
 
 
+# Mesh axes that shard the batch: a weight is gathered over them for use.
+BATCH_AXES = ('data', 'fsdp')
+
+
+def constrain_weight(w: jax.Array, logical: Sequence[str]) -> jax.Array:
+  """A weight as a matmul uses it: gathered over the batch axes (FSDP), still
+  split over 'tensor'; a no-op with no mesh set.
+
+  Weights rest sharded over 'fsdp' (their 'embed' axis); without this, XLA
+  may instead contract over the fsdp-sharded axis and all-gather the
+  activations, so every device holds the whole global batch's `[B*T, V]`
+  logits or `[B*T, F]` MLP activations.
+  """
+  if not _ACTIVE:
+    return w
+  mesh, rules = _ACTIVE[-1]
+  spec = logical_to_spec(logical, w.shape, mesh, rules)
+  keep = []
+  for axes in spec:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in BATCH_AXES)
+    keep.append(axes[0] if len(axes) == 1 else (axes or None))
+  # At rest first: in a backward the transpose of this pair reduce-scatters
+  # the weight's gradient right here (inside the layer scan), instead of
+  # stacking every layer's full-size gradient until after the loop.
+  w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*keep)))
+
+
 def constrain_activation(x: jax.Array, logical: Sequence[str]) -> jax.Array:
   """Constrains an activation at a block boundary; a no-op with no mesh set.
 

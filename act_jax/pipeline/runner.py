@@ -4,8 +4,8 @@ Each stage writes under `workdir/<stage>/`. While it runs it writes into
 `workdir/<stage>.partial/` (a stage may keep resumable sub-artifacts there:
 `StageContext.sub_done` / `sub_dir`); on success it writes `COMPLETE.json`
 (time, wall seconds, peak resident memory, the device mesh it ran on, the
-stage's drift key and config snapshot) and renames the folder to `workdir/<stage>/`. So a finished stage
-is skipped on rerun, a killed stage resumes from its finished sub-artifacts,
+stage's drift key and config snapshot) and renames the folder to
+`workdir/<stage>/`. So a finished stage is skipped on rerun, a killed stage resumes from its finished sub-artifacts,
 and nothing half-written ever sits under a final name.
 
 The drift key of a stage digests its config snapshot, the source of the

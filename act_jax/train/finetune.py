@@ -74,6 +74,7 @@ class TrainConfig:
   seed: int = 0  # rng seed (saved in checkpoints; data order is by step)
   log_every: int = 10  # console progress every N steps (JSONL every step)
   compute_dtype: str = 'float32'  # forward dtype; params stay as given
+  remat: str = 'none'  # backward memory: none | dots | full (REMAT_POLICIES)
   b1: float = 0.9  # Adam beta1
   b2: float = 0.999  # Adam beta2
   eps: float = 1e-8  # Adam epsilon
@@ -113,6 +114,8 @@ def check_train_config(train_cfg) -> TrainConfig:
       (tc.compute_dtype in ('float32', 'bfloat16'),
        f'compute_dtype={tc.compute_dtype!r}: expected float32 or bfloat16'),
       (tc.save_every >= 0, 'save_every must be >= 0'),
+      (tc.remat in ('none', 'dots', 'full'),
+       f"remat={tc.remat!r}: expected 'none', 'dots' or 'full'"),
   ]
   for ok, msg in checks:
     if not ok:
@@ -234,7 +237,7 @@ def _stop_frozen(params, opt: optim.Optimizer):
 
 
 def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
-                    compute_dtype: str) -> Callable:
+                    compute_dtype: str, remat: str = 'none') -> Callable:
   """`(params, opt_state, batch, step, masks) -> (params, opt_state, metrics)`.
 
   `masks` is `opt.masks` (the channel set as data, so one compiled step
@@ -253,7 +256,8 @@ def make_train_step(cfg: ModelConfig, opt: optim.Optimizer, grad_accum: int,
 
     def micro_loss(p, pr, mb):
       sl = optim.slices_tree(pr, opt, masks) if opt.slices else None
-      s, _ = losses.nll_sum(_stop_frozen(p, opt), mb, ccfg, slices=sl)
+      s, _ = losses.nll_sum(_stop_frozen(p, opt), mb, ccfg, slices=sl,
+                            remat=remat)
       return s / total
 
     grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1))
@@ -311,12 +315,37 @@ def compiled_step(cfg: ModelConfig, tc: TrainConfig, opt: optim.Optimizer,
          jax.tree.structure(masks_sh), tuple(jax.tree.leaves(masks_sh)))
   if key not in _STEPS:
     rep = sharding.replicated(mesh)
+    fn = make_train_step(cfg, opt, tc.grad_accum, tc.compute_dtype,
+                         tc.remat)
+
+    def step(*args):
+      # Activations and weights constrained on the mesh while tracing.
+      with sharding.activation_sharding(mesh):
+        return fn(*args)
+
     _STEPS[key] = jax.jit(
-        make_train_step(cfg, opt, tc.grad_accum, tc.compute_dtype),
+        step,
         in_shardings=(param_sh, state_sh, batch_sh, rep, masks_sh),
         out_shardings=(param_sh, state_sh, rep),
         donate_argnums=(0, 1))
   return _STEPS[key]
+
+
+def train_program(cfg: ModelConfig, tc: TrainConfig, opt: optim.Optimizer,
+                  params, mesh, batch_shapes: dict[str, tuple[int, ...]]):
+  """The compiled train step and its shardings for `params` (arrays or
+  ShapeDtypeStructs) on `mesh`: `(step, (param_sh, state_sh, batch_sh,
+  masks_sh))`. What `finetune` runs; public so a plan can lower and compile
+  it ahead of time (benchmarks/plan_7b.py)."""
+  param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg), params)
+  state_sh = _state_shardings(mesh, opt.tx, params, param_sh)
+  batch_sh = {k: sharding.named_sharding(mesh, ('batch', 'length'), shape)
+              for k, shape in batch_shapes.items()}
+  rep = sharding.replicated(mesh)
+  masks_sh = jax.tree.map(lambda _: rep, opt.masks)
+  step = compiled_step(cfg, tc, opt, mesh, param_sh, state_sh, batch_sh,
+                       masks_sh)
+  return step, (param_sh, state_sh, batch_sh, masks_sh)
 
 
 def _state_shardings(mesh, tx, params, param_sh):
@@ -450,14 +479,9 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
   first = source.get(0)  # fail on bad data before any compile
   mesh = mesh or sharding.make_mesh()
   opt = optim.make_optimizer(tc, params, mask)
-  param_sh = sharding.tree_shardings(mesh, forward.logical_axes(cfg), params)
-  state_sh = _state_shardings(mesh, opt.tx, params, param_sh)
-  batch_sh = {k: sharding.named_sharding(mesh, ('batch', 'length'), x.shape)
-              for k, x in first.items()}
+  step_fn, (param_sh, state_sh, batch_sh, masks_sh) = train_program(
+      cfg, tc, opt, params, mesh, {k: x.shape for k, x in first.items()})
   rep = sharding.replicated(mesh)
-  masks_sh = jax.tree.map(lambda _: rep, opt.masks)
-  step_fn = compiled_step(cfg, tc, opt, mesh, param_sh, state_sh, batch_sh,
-                          masks_sh)
   masks = jax.device_put(opt.masks, masks_sh)
 
   # The step donates its params; copy so the caller's arrays stay valid.
