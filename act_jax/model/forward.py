@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.model import capture as capture_lib
+from act_jax.model import hooks as hooks_lib
 from act_jax.model.decoder import Decoder
 from act_jax.model.config import ModelConfig
 
@@ -129,19 +130,25 @@ def apply(params: Params,
           cache: dict[str, jax.Array] | None = None,
           cache_index: jax.Array | int = 0,
           kv_valid_bs: jax.Array | None = None,
-          segment_ids_bt: jax.Array | None = None) -> Output:
+          segment_ids_bt: jax.Array | None = None,
+          hooks: dict[str, Any] | None = None) -> Output:
   """Pure forward of one model. See `make_ctx` for the mask arguments.
 
   With `capture`, statistics of the chosen sites are reduced in-graph over
   `token_mask_bt` (default: non-padding tokens) and returned in float32.
+  `hooks` (`{kind: {site: [L, M, M, C]}}`, see hooks.py) patch or tap the
+  sites' activations; they compare the vmapped models, so they need
+  `apply_models`.
   """
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones(tokens_bt.shape, jnp.int32)
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
                  kv_valid_bs, segment_ids_bt)
+  if hooks:
+    hooks_lib.check_hooks(hooks)
   model = Decoder(cfg, capture, compute_logits)
   logits, stats, new_cache = model.apply({'params': params}, tokens_bt, ctx,
-                                         cache)
+                                         cache, hooks)
   if capture is not None:
     stats = dict(stats)
     stats['count'] = jnp.sum(ctx['token_mask_bt'])
