@@ -9,6 +9,7 @@ held-out text moves toward the source's. Recovery is
 `(nll_target - nll_patched) / (nll_target - nll_source)` (1 = the source's
 loss, 0 = no change), compared against the same number of random channels.
 
+  stack_pair(target, source)        the pair, stacked in the hooks' order
   patch_hooks(mask, cfg)            `{'patch': {site: [L, 2, 2, C]}}`
   patched_sequence_scores(...)      per model and row: (sum of target
                                     log-probs, target count), teacher-forced
@@ -53,6 +54,11 @@ def patch_hooks(mask: Mapping[str, np.ndarray], cfg: ModelConfig,
     w[:, target, source] = m
     out[site] = w
   return {'patch': out}
+
+
+def stack_pair(target, source):
+  """The (target, source) pair stacked in the order the hooks expect."""
+  return forward.stack_params([target, source])
 
 
 def _batch_axes_size(mesh) -> int:
