@@ -645,6 +645,13 @@ def patch(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
     splits = plan.splits
     sets = {sp: eval_sets(plan, job.abilities, tok, sp, metric='perplexity')
             for sp in splits}
+    for sp, per in sets.items():
+      for a, s in per.items():
+        if not any(np.any(bt['token_mask_bt'][:, 1:]) for bt in s['batches']):
+          raise jobs_lib.ConfigError(
+              f'patch: ability {a} ({sp} split) has no response token '
+              f'within evaluate.max_seq_len={plan.evaluate.max_seq_len}; '
+              'raise it')
     stacked = patching.stack_pair(b.params(pair.target),
                                   b.params(pair.source))
     sites = masks_lib.site_shapes(cfg)
