@@ -80,7 +80,8 @@ def _rho(rho: float) -> str:
 
 
 def family(name: str) -> str:
-  """A row's name without its seed suffix ('random@0.05#s1' -> 'random@0.05')."""
+  """A row's name without its seed suffix: 'random@0.05#s1' ->
+  'random@0.05'."""
   return SEED_SUFFIX.sub('', name)
 
 

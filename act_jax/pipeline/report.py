@@ -258,8 +258,8 @@ def _scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
            '|---' * (len(cols) + 1) + '|']
   for name, per in scores.items():
     lines.append(f'| {name} | ' + ' | '.join(
-        intervals.fmt(per[a][m], m) if m in per.get(a, {}) else '-' for a, m in cols)
-                 + ' |')
+        intervals.fmt(per[a][m], m) if m in per.get(a, {}) else '-'
+        for a, m in cols) + ' |')
   return '\n'.join(lines) + '\n'
 
 

@@ -58,8 +58,9 @@ def load_run(workdir: str, split: str) -> dict[str, Any]:
     raise StrengthError(f'{path}: no recover job')
   if job.get('split', 'test') != split:
     if split not in job.get('splits', {}):
+      have = [job.get('split')] + list(job.get('splits', {}))
       raise StrengthError(f'{path}: the run has no {split} split (it has '
-                          f'{[job.get("split")] + list(job.get("splits", {}))})')
+                          f'{", ".join(have)})')
     job = job['splits'][split]
   steps = res.get('setup', {}).get('specialist', {}).get('num_steps')
   patch = res.get('patch', {}).get('recover', {}).get(split)
