@@ -111,7 +111,8 @@ def make_stages(plan: jobs_lib.Plan) -> list[runner.Stage]:
     out.append(S('finetune', lambda ctx: finetune(plan, ctx),
                  inputs=('convert', 'localize', 'transfer'),
                  snapshot=snap(plan.train, plan.sft, plan.abilities,
-                               plan.jobs), code=CODE['finetune']))
+                               plan.jobs, plan.seeds),  # seeds: SFT order
+                 code=CODE['finetune']))
     out.append(S('evaluate', lambda ctx: evaluate(plan, ctx),
                  inputs=('convert', 'localize', 'transfer', 'finetune'),
                  snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
