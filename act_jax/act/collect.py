@@ -12,8 +12,10 @@ and the content fingerprints of its inputs (models, probe file); a rerun
 resumes from the last save and ends with the same totals, or, when an input
 changed since, fails naming it (`inputs.InputChangedError`). Under
 jax.distributed every process feeds its own contiguous slice of batches into
-global arrays, so the sums are global. When K models do not fit at once, `models_per_pass=2` runs every
-pair separately and combines them (K(K-1)/2 passes).
+global arrays, so the sums are global. When K models do not fit at once,
+`models_per_pass=2` runs every pair separately and combines them (K(K-1)/2
+passes). `attribution=True` adds the attribution statistics
+(act/attribution.py) from one extra backward in the same step.
 The CLI (`python -m act_jax.collect`) and the pipeline's collect stage both
 call `collect_stats`.
 """
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from act_jax.act import attribution as attribution_lib
 from act_jax.io import atomic
 from act_jax.io import inputs as inputs_lib
 from act_jax.model import capture as capture_lib
@@ -53,8 +56,10 @@ def _is_stacked(params, cfg: ModelConfig) -> bool:
 
 
 def accumulator_shapes(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
-                       num_models: int) -> dict[str, Any]:
-  """ShapeDtypeStructs of the device accumulators (apply_models layout)."""
+                       num_models: int,
+                       attribution: bool = False) -> dict[str, Any]:
+  """ShapeDtypeStructs of the device accumulators (apply_models layout;
+  `attribution` adds `pair_attribution`, act/attribution.py)."""
   m, l = num_models, cfg.num_layers
   tree: dict[str, Any] = {}
   for site in spec.sites:
@@ -64,6 +69,9 @@ def accumulator_shapes(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
     if spec.pairwise:
       tree[site]['pair_abs_diff'] = jax.ShapeDtypeStruct((m, l, m, c),
                                                          jnp.float32)
+    if attribution:
+      tree[site][attribution_lib.STAT] = jax.ShapeDtypeStruct((m, l, m, c),
+                                                              jnp.float32)
   tree['count'] = jax.ShapeDtypeStruct((m,), jnp.int32)
   return tree
 
@@ -88,7 +96,7 @@ def _to_artifact(acc_host: dict[str, Any],
     for stat, v in acc_host[site].items():
       v = np.asarray(v, np.float32)
       flat[f'{site}/{stat}'] = (v.transpose(0, 2, 1, 3)
-                                if stat == 'pair_abs_diff' else v)
+                                if stat.startswith('pair_') else v)
   return flat
 
 
@@ -148,9 +156,11 @@ class _Checkpointer:
     self.mgr.close()
 
 
-def _fingerprint(cfg, spec, num_models, global_shape, num_batches, extra):
+def _fingerprint(cfg, spec, num_models, global_shape, num_batches, extra,
+                 attribution=False):
   blob = json.dumps([cfg.to_dict(), spec.sites, spec.pairwise, num_models,
-                     global_shape, num_batches, jax.process_count(), extra],
+                     global_shape, num_batches, jax.process_count(), extra]
+                    + ([attribution] if attribution else []),
                     sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -158,15 +168,15 @@ def _fingerprint(cfg, spec, num_models, global_shape, num_batches, extra):
 @functools.lru_cache(maxsize=16)
 def compiled_step(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
                   mesh: jax.sharding.Mesh, rules, num_models: int,
-                  global_shape: tuple[int, int]):
+                  global_shape: tuple[int, int], attribution: bool = False):
   """The jitted statistics step and its shardings (cached: reruns do not
   recompile): `(step, zeros, param_sh, batch_sh, acc_sh, acc_shapes)`.
 
   `step(acc, stacked_params, batch)` adds one global `[B, T]` batch's sums
   (batch keys `BATCH_KEYS`; params stacked layer-major,
   `forward.stack_params(..., layer_major=True)`) into the accumulators;
-  public so a plan can lower and compile it ahead of time
-  (benchmarks/plan_7b.py).
+  with `attribution`, one extra backward adds `pair_attribution`. Public so
+  a plan can lower and compile it ahead of time (benchmarks/plan_7b.py).
   """
   abstract = jax.eval_shape(
       lambda p: forward.stack_params([p] * num_models, layer_major=True),
@@ -175,12 +185,17 @@ def compiled_step(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
       mesh, forward.stacked_logical_axes(cfg, layer_major=True), abstract,
       rules)
   rep = sharding.replicated(mesh)
-  shapes = accumulator_shapes(cfg, spec, num_models)
+  shapes = accumulator_shapes(cfg, spec, num_models, attribution)
   acc_sh = jax.tree.map(lambda _: rep, shapes)
   batch_sh = sharding.named_sharding(mesh, ('batch', 'length'), global_shape,
                                      rules)
 
   def step(acc, params, batch):
+    if attribution:  # the same forward plus one backward (the taps' grads)
+      with sharding.activation_sharding(mesh, rules):
+        stats = attribution_lib.attribution_stats(params, batch, cfg, spec,
+                                                  layer_major=True)
+      return _accumulate(acc, stats)
     with sharding.activation_sharding(mesh, rules):
       out = forward.apply_models(
           params, batch['tokens_bt'], cfg, layer_major=True,
@@ -200,7 +215,8 @@ def compiled_step(cfg: ModelConfig, spec: capture_lib.CaptureSpec,
 
 
 def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
-              num_batches, fingerprint, throttle_s, log_every_s, inputs):
+              num_batches, fingerprint, throttle_s, log_every_s, inputs,
+              attribution=False):
   """One pass over the local batches for one stack of models (layer-major
   stacked params, see forward.stack_params)."""
   num_models = stacked['embed_tokens']['embedding'].shape[0]
@@ -211,12 +227,12 @@ def _run_pass(stacked, cfg, batches, spec, mesh, rules, ckpt_dir, save_every,
   local_b, seq = first['tokens_bt'].shape
   global_shape = (local_b * jax.process_count(), seq)
   step_fn, zeros, param_sh, batch_sh, acc_sh, shapes = compiled_step(
-      cfg, spec, mesh, tuple(rules), num_models, global_shape)
+      cfg, spec, mesh, tuple(rules), num_models, global_shape, attribution)
   stacked = jax.tree.map(_place, stacked, param_sh)
   inputs = json.loads(json.dumps(dict(inputs or {}), sort_keys=True,
                                  default=str))
   fp = _fingerprint(cfg, spec, num_models, global_shape, num_batches,
-                    [fingerprint, inputs])
+                    [fingerprint, inputs], attribution)
 
   ckpt = _Checkpointer(ckpt_dir, fp, inputs) if ckpt_dir else None
   start, acc = 0, None
@@ -279,7 +295,8 @@ def collect_stats(params: Sequence[Any] | Any,
                   fingerprint: Any = None,
                   inputs: dict[str, Any] | None = None,
                   throttle_s: float = 0.0,
-                  log_every_s: float = 30.0) -> dict[str, np.ndarray]:
+                  log_every_s: float = 30.0,
+                  attribution: bool = False) -> dict[str, np.ndarray]:
   """Accumulates activation statistics of related models over `batches`.
 
   Args:
@@ -304,11 +321,14 @@ def collect_stats(params: Sequence[Any] | Any,
       naming the first changed file.
     throttle_s: sleep after each batch (tests; sharing a busy machine).
     log_every_s: progress log interval.
+    attribution: also `pair_attribution` (K >= 2; act/attribution.py): one
+      extra backward per batch.
 
   Returns:
     Flat host arrays in the artifact layout: `<site>/sum|sum_abs|sum_sq`
     `[K, L, C]` float32, `<site>/pair_abs_diff` `[K, K, L, C]` (K >= 2),
-    `count [K]` int64. Identical on every process.
+    `<site>/pair_attribution` `[K, K, L, C]` (attribution), `count [K]`
+    int64. Identical on every process.
   """
   spec = spec or capture_lib.CaptureSpec()
   if mesh is None:
@@ -324,9 +344,12 @@ def collect_stats(params: Sequence[Any] | Any,
     models, stacked = [params], None
   k = len(models) if models is not None else jax.tree.leaves(stacked)[
       0].shape[0]
+  if attribution and k < 2:
+    raise ValueError('collect_stats(attribution=True) needs two or more '
+                     'models (the activation difference of a pair)')
   kw = dict(mesh=mesh, rules=rules, save_every=save_every,
             num_batches=num_batches, throttle_s=throttle_s,
-            log_every_s=log_every_s, inputs=inputs)
+            log_every_s=log_every_s, inputs=inputs, attribution=attribution)
   if not models_per_pass or models_per_pass >= k:
     if stacked is None:
       stacked = forward.stack_params(models, layer_major=True)
@@ -357,7 +380,7 @@ def collect_stats(params: Sequence[Any] | Any,
                            (k, k) + v.shape[2:], v.dtype)
              for key, v in acc.items()}
     for key, v in acc.items():
-      if key.endswith('pair_abs_diff'):
+      if key.rsplit('/', 1)[-1].startswith('pair_'):
         out[key][i, j], out[key][j, i] = v[0, 1], v[1, 0]
       else:  # per-model stats: the first pass holding a model sets them
         out[key][i], out[key][j] = v[0], v[1]

@@ -9,6 +9,10 @@ Scores, for one (source, target) model pair, from the collected statistics
 "this channel differs more between the two models":
   mean_abs_diff        mean_t |h_src(t) - h_tgt(t)|  (default; token-aligned)
   diff_of_mean_abs     |mean_t |h_src| - mean_t |h_tgt||
+  attribution          mean_t |(h_src - h_tgt)(t) * dL_tgt/dh_tgt(t)| at the
+                       target: the difference weighed by its first-order
+                       effect on the target's probe loss (statistics
+                       collected with attribution, act/attribution.py)
   *_norm               either, divided by the site's mean score over all its
                        layers and channels (makes sites comparable for a
                        global selection)
@@ -52,7 +56,9 @@ from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
 SCORES = ('mean_abs_diff', 'diff_of_mean_abs', 'mean_abs_diff_norm',
-          'diff_of_mean_abs_norm', 'weight_diff', 'random')
+          'diff_of_mean_abs_norm', 'attribution', 'attribution_norm',
+          'weight_diff', 'random')
+ACTIVATION_BASES = ('mean_abs_diff', 'diff_of_mean_abs', 'attribution')
 DEFAULT_SCORE = 'mean_abs_diff'
 
 Stats = Mapping[str, Mapping[str, Any]]
@@ -99,9 +105,9 @@ def activation_scores(stats: Stats, count, src: int, tgt: int,
     sites: subset of sites (default: all in `stats`).
   """
   base = score[:-len('_norm')] if score.endswith('_norm') else score
-  if base not in ('mean_abs_diff', 'diff_of_mean_abs'):
+  if base not in ACTIVATION_BASES:
     raise ScoreError(f'{score!r} is not an activation score; activation '
-                     'scores: mean_abs_diff, diff_of_mean_abs (+ _norm)')
+                     f'scores: {", ".join(ACTIVATION_BASES)} (+ _norm)')
   count = np.asarray(count, np.float64).reshape(-1)
   _check_pair(count, src, tgt)
   out = {}
@@ -114,6 +120,15 @@ def activation_scores(stats: Stats, count, src: int, tgt: int,
       # Token-aligned: the same tokens go through every model, so the
       # source's count is the pair's count.
       s = np.asarray(st['pair_abs_diff'][src, tgt], np.float64) / count[src]
+    elif base == 'attribution':
+      if 'pair_attribution' not in st:
+        raise ScoreError(f'site {site}: stats lack pair_attribution (collect '
+                         'with attribution, e.g. --config.collect.'
+                         'attribution=true)')
+      # Row = the model whose loss gradient weighs the difference: the
+      # target's (the model the channels go into).
+      s = (np.asarray(st['pair_attribution'][tgt, src], np.float64) /
+           count[tgt])
     else:
       a = np.asarray(st['sum_abs'][src], np.float64) / count[src]
       b = np.asarray(st['sum_abs'][tgt], np.float64) / count[tgt]

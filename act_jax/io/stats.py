@@ -4,6 +4,9 @@ Layout:
   stats.safetensors  float32 `<site>/sum`, `<site>/sum_abs`, `<site>/sum_sq`
                      `[M, L, C]`; `<site>/pair_abs_diff` `[M, M, L, C]` when
                      M >= 2 (entry [i, j] = sum_t |h_i(t) - h_j(t)|);
+                     `<site>/pair_attribution` `[M, M, L, C]` when the
+                     manifest says `attribution` (entry [t, s] = sum_t
+                     |(h_s - h_t) dL_t/dh_t|, act/attribution.py);
                      int64 `count [M]` (tokens counted per model)
   manifest.json      models (paths), model_config, probe (path, fields,
                      template, ...), token/truncation counts, sites with
@@ -96,6 +99,8 @@ def _expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
       shapes[f'{site}/{s}'] = (m, l, c)
     if manifest['pairwise']:
       shapes[f'{site}/pair_abs_diff'] = (m, m, l, c)
+    if manifest.get('attribution'):
+      shapes[f'{site}/pair_attribution'] = (m, m, l, c)
   return shapes
 
 

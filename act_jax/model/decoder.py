@@ -15,7 +15,8 @@ HF-shaped transposed (`[d_in, d_out]`): output channel `c` of an HF weight
 
 Captured statistics (see capture.py) are scan outputs of each layer, reduced
 in-graph to float32 `[L, C]` arrays. With capture off the forward is the
-plain forward.
+plain forward. Site hooks (hooks.py: activation patching, attribution taps)
+act on the same recorded activations when a forward is given `hooks`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.model import capture as capture_lib
+from act_jax.model import hooks as hooks_lib
 from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
@@ -235,7 +237,8 @@ def attention_mask(ctx: dict[str, jax.Array]) -> jax.Array:
 class Attention(nn.Module):
   """GQA self-attention with RoPE, optional q/k norm, window and KV cache.
 
-  Returns `(o_btd, new_cache)`; `record(site, h)` receives captured sites.
+  Returns `(o_btd, new_cache)`; `record(site, h)` receives captured sites
+  and returns the activation to use (changed only by site hooks).
   """
 
   cfg: ModelConfig
@@ -252,9 +255,9 @@ class Attention(nn.Module):
     q = linear('q_proj', cfg.q_dim, cfg.qkv_bias, ('embed', 'heads'), h_btd)
     k = linear('k_proj', cfg.kv_dim, cfg.qkv_bias, ('embed', 'kv_heads'), h_btd)
     v = linear('v_proj', cfg.kv_dim, cfg.qkv_bias, ('embed', 'kv_heads'), h_btd)
-    record('self_attn.q_proj', q)
-    record('self_attn.k_proj', k)
-    record('self_attn.v_proj', v)
+    q = record('self_attn.q_proj', q)
+    k = record('self_attn.k_proj', k)
+    v = record('self_attn.v_proj', v)
     q_bthe = q.reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
     k_bske = k.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
     v_bske = v.reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -298,9 +301,9 @@ class Attention(nn.Module):
     o = jnp.einsum('bkgts,bske->btkge', probs, v_bske,
                    preferred_element_type=jnp.float32).astype(dt)
     o = o.reshape(batch, tokens, cfg.q_dim)
-    record('self_attn.o_proj.in', o)
+    o = record('self_attn.o_proj.in', o)
     o = linear('o_proj', cfg.hidden_size, cfg.o_bias, ('heads', 'embed'), o)
-    record('self_attn.o_proj', o)
+    o = record('self_attn.o_proj', o)
     return o, new_cache
 
 
@@ -318,15 +321,14 @@ class Mlp(nn.Module):
                   name='gate_proj')(h_btd)
     up = Linear(feats, cfg.mlp_bias, ('embed', 'mlp'), dt, pdt,
                 name='up_proj')(h_btd)
-    record('mlp.gate_proj', gate)
-    record('mlp.up_proj', up)
+    gate = record('mlp.gate_proj', gate)
+    up = record('mlp.up_proj', up)
     hidden_btf = (jax.nn.silu(gate.astype(jnp.float32)) *
                   up.astype(jnp.float32)).astype(dt)
-    record('mlp.down_proj.in', hidden_btf)
+    hidden_btf = record('mlp.down_proj.in', hidden_btf)
     down = Linear(cfg.hidden_size, cfg.mlp_bias, ('mlp', 'embed'), dt, pdt,
                   name='down_proj')(hidden_btf)
-    record('mlp.down_proj', down)
-    return down
+    return record('mlp.down_proj', down)
 
 
 class DecoderLayer(nn.Module):
@@ -350,14 +352,18 @@ class DecoderLayer(nn.Module):
       if self.capture is not None and site in self.capture.sites:
         stats[site] = capture_lib.reduce_site(h, ctx['token_mask_bt'],
                                               self.capture.pairwise)
+      if 'hooks' in per_layer:  # patching / attribution taps (hooks.py)
+        h = hooks_lib.apply_site_hooks(site, h, per_layer['hooks'],
+                                       ctx['token_mask_bt'])
+      return h
 
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='input_layernorm')(x_btd)
-    record('input_layernorm', h)
+    h = record('input_layernorm', h)
     o, new_cache = Attention(cfg, name='self_attn')(h, ctx, per_layer, record)
     x_btd = x_btd + o
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt,
                 name='post_attention_layernorm')(x_btd)
-    record('post_attention_layernorm', h)
+    h = record('post_attention_layernorm', h)
     x_btd = x_btd + Mlp(cfg, name='mlp')(h, record)
     x_btd = sharding.constrain_activation(x_btd, ('batch', 'length', 'embed'))
     return x_btd, {'stats': stats, **new_cache}
@@ -382,7 +388,7 @@ class Decoder(nn.Module):
   remat: str = 'none'  # what a backward keeps per layer (REMAT_POLICIES)
 
   @nn.compact
-  def __call__(self, tokens_bt, ctx, cache=None):
+  def __call__(self, tokens_bt, ctx, cache=None, hooks=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     embed = Embed(cfg, name='embed_tokens')
@@ -393,6 +399,8 @@ class Decoder(nn.Module):
     per_layer = {'window': jnp.asarray(cfg.sliding_windows, jnp.int32)}
     if cache is not None:
       per_layer['cache_k'], per_layer['cache_v'] = cache['k'], cache['v']
+    if hooks:  # [L, ...] per kind and site: the scan gives each layer its own
+      per_layer['hooks'] = hooks
     layer = DecoderLayer
     if self.remat != 'none':
       # Recompute inside the backward instead of keeping every layer's

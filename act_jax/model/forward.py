@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from act_jax.model import capture as capture_lib
+from act_jax.model import hooks as hooks_lib
 from act_jax.model.decoder import Decoder
 from act_jax.model.config import ModelConfig
 
@@ -133,7 +134,8 @@ def apply(params: Params,
           kv_valid_bs: jax.Array | None = None,
           segment_ids_bt: jax.Array | None = None,
           slices: Params | None = None,
-          remat: str = 'none') -> Output:
+          remat: str = 'none',
+          hooks: dict[str, Any] | None = None) -> Output:
   """Pure forward of one model. See `make_ctx` for the mask arguments.
 
   `remat` ('none' | 'dots' | 'full', decoder.REMAT_POLICIES) trades a
@@ -145,17 +147,23 @@ def apply(params: Params,
   modules, `{'delta_cols'|'delta_rows': zeros [L, ...], 'idx_cols'|
   'idx_rows': [L, k]}`, through which only the selected kernel columns/rows
   get weight gradients (decoder.dot_slice_grads).
+  `hooks` (`{kind: {site: [L, M, M, C]}}`, see hooks.py) patch or tap the
+  sites' activations; they compare the vmapped models, so they need
+  `apply_models`.
   """
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones(tokens_bt.shape, jnp.int32)
   ctx = make_ctx(attention_mask_bt, positions_bt, token_mask_bt, cache_index,
                  kv_valid_bs, segment_ids_bt)
+  if hooks:
+    hooks_lib.check_hooks(hooks)
   model = Decoder(cfg, capture, compute_logits,
                   scan_layers='layers' in params, remat=remat)
   variables = {'params': params}
   if slices:
     variables['slices'] = slices
-  logits, stats, new_cache = model.apply(variables, tokens_bt, ctx, cache)
+  logits, stats, new_cache = model.apply(variables, tokens_bt, ctx, cache,
+                                         hooks)
   if capture is not None:
     stats = dict(stats)
     stats['count'] = jnp.sum(ctx['token_mask_bt'])

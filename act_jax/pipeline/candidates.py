@@ -18,15 +18,20 @@ Each channel candidate exists at every budget (`rho`) of the sweep and, when
 its selector is in `sweep.finetune`, also with the compatibility fine-tune
 (`+ft`: only its channels move). Names: `act[mean_abs_diff]@0.05`,
 `random@0.05+ft`, `weight_diff@0.2`, `linear`, `full_ft`, ...
-`enumerate_candidates(job, plan)` lists a job's rows in report order;
-`Builder` makes their params (the mask logic is `channel_masks`, the one
-place masks of a sweep are selected).
+With a seed axis (`sweep.seeds`), every seeded row exists once per seed,
+named `<row>#s<seed>`: random channels (mask seed), every +ft and full_ft
+(SFT order) and DARE (drop masks); `family(name)` strips the suffix (the
+report pools a family's seeds). `enumerate_candidates(job, plan)` lists a
+job's rows in report order, `enumerate_patch_candidates` the rows of the
+activation-patching check; `Builder` makes their params (the mask logic is
+`channel_masks`, the one place masks of a sweep are selected).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -52,7 +57,9 @@ class Candidate:
   rho: float = 0.0  # channel kinds: the budget
   finetune: bool = False  # + the compatibility fine-tune of its channels
   model: str = ''  # kind 'model': the model's name
-  seed: int = 0  # random / dare: the seed
+  seed: int = 0  # random: mask seed; dare: drop seed; (+ft: SFT order when
+  # `seeded`)
+  seeded: bool = False  # from the seed axis: the name ends in '#s<seed>'
 
   @property
   def channels(self) -> bool:
@@ -65,8 +72,46 @@ class Candidate:
     return self.name + '.json'
 
 
+SEED_SUFFIX = re.compile(r'#s(-?\d+)$')
+
+
 def _rho(rho: float) -> str:
   return f'{rho:g}'
+
+
+def family(name: str) -> str:
+  """A row's name without its seed suffix: 'random@0.05#s1' ->
+  'random@0.05'."""
+  return SEED_SUFFIX.sub('', name)
+
+
+def seeded_name(name: str, seed: int) -> str:
+  """`name#s<seed>`."""
+  return f'{name}#s{seed}'
+
+
+def is_seeded(kind: str, finetune: bool) -> bool:
+  """Whether a candidate of `kind` depends on a seed."""
+  return kind in ('random', 'dare', 'full_ft') or finetune
+
+
+def sft_seed(cand: 'Candidate', plan: jobs_lib.Plan) -> int:
+  """The SFT mixture seed of a fine-tuned candidate."""
+  return cand.seed if cand.seeded else plan.sft.seed
+
+
+def with_sft_seed(plan: jobs_lib.Plan, cand: 'Candidate') -> jobs_lib.Plan:
+  """`plan` whose SFT mixture is shuffled by `cand`'s seed."""
+  return dataclasses.replace(plan, sft=dataclasses.replace(
+      plan.sft, seed=sft_seed(cand, plan)))
+
+
+def _expand(cand: 'Candidate', plan: jobs_lib.Plan) -> list['Candidate']:
+  """One candidate per seed of the axis when it is seeded."""
+  if not plan.seeds or not is_seeded(cand.kind, cand.finetune):
+    return [cand]
+  return [dataclasses.replace(cand, name=seeded_name(cand.name, s), seed=s,
+                              seeded=True) for s in plan.seeds]
 
 
 def channel_name(kind: str, rho: float, score: str = '',
@@ -107,26 +152,44 @@ def enumerate_candidates(job: jobs_lib.Job,
         kind_scores = (scores if rho in rhos else scores[:1]) if (
             kind == 'act') else ('',)
         for s in kind_scores:
-          out.append(Candidate(channel_name(kind, rho, s, with_ft), kind,
-                               score=s, rho=rho, finetune=with_ft,
-                               seed=seed))
+          out += _expand(Candidate(channel_name(kind, rho, s, with_ft), kind,
+                                   score=s, rho=rho, finetune=with_ft,
+                                   seed=seed), plan)
   for k in whole:
     if k in ('source', 'target'):
       continue
     if k == 'full_ft':
       if job.kind == 'recover':
-        out.append(Candidate('full_ft', 'full_ft', finetune=True))
+        out += _expand(Candidate('full_ft', 'full_ft', finetune=True), plan)
       continue
-    out.append(Candidate(k, k, seed=plan.baselines.seed))
+    out += _expand(Candidate(k, k, seed=plan.baselines.seed), plan)
+  return out
+
+
+def enumerate_patch_candidates(job: jobs_lib.Job, plan: jobs_lib.Plan
+                               ) -> list[Candidate]:
+  """The activation-patching rows of a recover job: `target`, `source`,
+  then per sweep rho every selector of `sweep.patch` (act: every score;
+  random: every seed), named as the transplants are."""
+  if job.kind != 'recover':
+    return []
+  out = [Candidate('target', 'target'), Candidate('source', 'source')]
+  for rho in plan.rhos:
+    for kind in jobs_lib.parse_list(plan.sweep.patch):
+      for s in (plan.scores if kind == 'act' else ('',)):
+        out += _expand(Candidate(channel_name(kind, rho, s), kind, score=s,
+                                 rho=rho, seed=plan.localize.seed), plan)
   return out
 
 
 def primary(plan: jobs_lib.Plan, finetune: bool) -> Candidate:
-  """The ACT result the transfer / finetune stages save."""
+  """The ACT result the transfer / finetune stages save (+ft: with the
+  first seed of the axis, when there is one)."""
   score, rho = plan.localize.score, plan.localize.top_frac
-  return Candidate(channel_name('act', rho, score, finetune), 'act',
+  cand = Candidate(channel_name('act', rho, score, finetune), 'act',
                    score=score, rho=rho, finetune=finetune,
                    seed=plan.localize.seed)
+  return _expand(cand, plan)[0]
 
 
 # ------------------------------------------------------------------ masks

@@ -53,6 +53,8 @@ class CollectConfig:
   dtype: str = 'float32'  # compute dtype of the forward (stats are float32)
   count_tokens: str = 'all'  # tokens the statistics count: all | response
   save_every: int = 50  # checkpoint the sums every N batches (0 = never)
+  attribution: bool = False  # also |diff * dL/dh| sums (one extra backward
+  # per batch; the 'attribution' score needs it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +76,10 @@ class SweepConfig:
   Rows: for every score x rho, `act[score]@rho`; for every rho,
   `random@rho` and `weight_diff@rho` at the budget of the first score's
   mask; each selector in `finetune` also `+ft` (the compatibility
-  fine-tune of that transplant); plus the whole-model candidates.
+  fine-tune of that transplant); plus the whole-model candidates. With
+  `seeds`, every seeded row (random channels, each +ft's SFT order, DARE,
+  full_ft) exists once per seed, named `<row>#s<seed>`. With `patch`, the
+  patch stage checks those selectors' channels by activation patching.
   """
   scores: str = ''  # activation scores, comma list ('' = localize.score)
   rhos: str = ''  # budgets, comma list ('' = localize.top_frac)
@@ -83,6 +88,9 @@ class SweepConfig:
   finetune: str = 'act'  # selectors that are also fine-tuned ('' = none)
   finetune_rhos: str = ''  # rhos that get +ft rows ('' = every rho)
   candidates: str = 'source,target,linear,task_arithmetic,ties,dare'  # whole-model rows
+  seeds: str = ''  # seeds of every seeded row, comma list ('' = one row with
+  # localize.seed, sft.seed and baselines.seed)
+  patch: str = ''  # selectors checked by activation patching ('' = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,8 @@ class EvalConfig:
   batch_size: int = 16  # rows per perplexity / choice forward
   gen_batch_size: int = 8  # prompts per greedy-generation batch
   max_seq_len: int = 128  # T for perplexity rows (longer: truncated)
+  split: str = 'test'  # comma list: test (abilities.<n>.eval) | dev
+  # (abilities.<n>.dev); the first is the report's main table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +154,8 @@ class ExportConfig:
 class AbilityConfig:
   """One entry of `abilities`: its data files, rendering and metric."""
   probe: str = ''  # probe records for localization ('' = none)
-  eval: str = ''  # held-out eval records ('' = not evaluated)
+  eval: str = ''  # held-out eval records: the test split ('' = none)
+  dev: str = ''  # held-out dev-split records (evaluate.split=dev)
   sft: str = ''  # compatibility fine-tune records ('' = none)
   template: str = 'qa'  # rendering: text | qa | chat (data.TEMPLATES)
   qa_format: str = data.DEFAULT_QA_FORMAT  # template qa: {prompt} {response}
@@ -269,6 +280,16 @@ class Plan:
     """The budgets of the sweep with +ft rows possible."""
     return parse_floats(self.sweep.rhos) or (self.localize.top_frac,)
 
+  @property
+  def seeds(self) -> tuple[int, ...]:
+    """The seed axis (empty: one unsuffixed row per seeded candidate)."""
+    return parse_ints(self.sweep.seeds, 'sweep.seeds')
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """The eval splits, the report's main one first."""
+    return parse_list(self.evaluate.split)
+
 
 # ------------------------------------------------------------ parsing
 
@@ -309,6 +330,18 @@ def parse_mesh_shape(spec: str) -> tuple[int, int, int]:
                       f'({", ".join(MESH_AXES)}), positive or one -1, '
                       "e.g. '1,8,1'")
   return sizes  # type: ignore[return-value]
+
+
+def parse_ints(spec: str, field: str = '') -> tuple[int, ...]:
+  """'0,1,2' -> (0, 1, 2); errors name `field`."""
+  out = []
+  for p in parse_list(spec):
+    try:
+      out.append(int(p))
+    except ValueError:
+      raise ConfigError(f'--config.{field}: {p!r} is not an integer'
+                        ) from None
+  return tuple(out)
 
 
 def parse_pairs(spec: str, field: str) -> tuple[tuple[str, str], ...]:
@@ -412,7 +445,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _jobs(c, modes, abilities) -> tuple[Job, ...]:
-  evaluated = tuple(a for a in abilities if abilities[a].eval)
+  evaluated = tuple(a for a in abilities
+                    if abilities[a].eval or abilities[a].dev)
   out = []
   if 'recover' in modes or 'analyze' in modes:
     r = section(_Recover, c.get('recover'), 'recover')

@@ -104,3 +104,42 @@ def concentration_bars(analysis: Mapping[str, Any], path: str) -> str:
   ax.set_title('Concentration')
   ax.legend(fontsize=6)
   return _save(fig, path)
+
+
+def curves_by_run(curves: Mapping[str, Mapping[str, Any]], path: str) -> str:
+  """One panel per score: share of score mass vs fraction of top channels
+  (mean over sites), one line per run (`{score: {label: (x, y)}}`)."""
+  scores = list(curves)
+  fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.6),
+                           squeeze=False)
+  for ax, score in zip(axes[0], scores):
+    for label, (x, y) in curves[score].items():
+      ax.plot(x, y, label=label)
+    ax.plot([0, 1], [0, 1], 'k:', label='uniform')
+    ax.set_title(score, fontsize=9)
+    ax.set_xlabel('fraction of channels (top by score)')
+    ax.set_ylabel('fraction of score mass')
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def series_vs_length(points: Mapping[str, list], ylabel: str, title: str,
+                     path: str, hline: float | None = None) -> str:
+  """Value vs specialist length (log x) per series, with interval bars
+  (`{name: [(steps, value, lo, hi)]}`)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for name, pts in points.items():
+    pts = sorted(pts)
+    x = [p[0] for p in pts]
+    y = [p[1] for p in pts]
+    err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+    ax.errorbar(x, y, yerr=err, marker='o', capsize=3, label=name)
+  if hline is not None:
+    ax.axhline(hline, color='gray', linestyle=':')
+  if all(p[0] > 0 for pts in points.values() for p in pts):
+    ax.set_xscale('log')
+  ax.set_xlabel('specialist training steps')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=6)
+  return _save(fig, path)

@@ -191,6 +191,17 @@ def _sweep(plan: jobs_lib.Plan) -> None:
                            f'sweep.selectors ({sw.selectors})')
   for c in jobs_lib.parse_list(sw.candidates):
     _choice(c, jobs_lib.WHOLE_MODEL, 'sweep.candidates')
+  for s in jobs_lib.parse_list(sw.patch):
+    _choice(s, jobs_lib.SELECTORS, 'sweep.patch')
+  seeds = plan.seeds
+  if len(set(seeds)) != len(seeds):
+    raise PreflightError(f'--config.sweep.seeds={sw.seeds!r}: a seed is '
+                         'named twice')
+  attr = [s for s in plan.scores if s.startswith('attribution')]
+  if attr and not plan.collect.attribution:
+    raise PreflightError(f'--config.sweep.scores: {attr[0]!r} needs the '
+                         'attribution statistics: set '
+                         '--config.collect.attribution=true')
 
 
 def _abilities(plan: jobs_lib.Plan) -> None:
@@ -226,10 +237,24 @@ def _abilities(plan: jobs_lib.Plan) -> None:
     if name in probed and not a.probe:
       raise PreflightError(f'--config.{f}.probe is empty, but a job '
                            'localizes with it')
+  splits = plan.splits
+  if not splits or len(set(splits)) != len(splits):
+    raise PreflightError(f'--config.evaluate.split={plan.evaluate.split!r}: '
+                         'expected a comma list of test, dev (each once)')
+  for sp in splits:
+    _choice(sp, ('test', 'dev'), 'evaluate.split')
   for job in plan.jobs:
     if not job.analyze_only and not job.abilities:
       raise PreflightError('no ability has an eval file: set '
                            'abilities.<name>.eval for what to measure')
+    for a in () if job.analyze_only else job.abilities:
+      for sp in splits:
+        field = 'dev' if sp == 'dev' else 'eval'
+        if not getattr(plan.abilities[a], field):
+          raise PreflightError(
+              f'--config.abilities.{a}.{field} is empty, but '
+              f'evaluate.split={plan.evaluate.split!r} measures {a} on '
+              f'the {sp} split')
   tunes = jobs_lib.parse_list(plan.sweep.finetune) or (
       'full_ft' in jobs_lib.parse_list(plan.sweep.candidates))
   if tunes and any(not j.analyze_only for j in plan.jobs) and not any(
@@ -384,7 +409,7 @@ def _first_of(path: str) -> dict:
 def check_data(plan: jobs_lib.Plan) -> None:
   """Every data source exists; its first record has the fields it needs."""
   for name, a in plan.abilities.items():
-    for use in ('probe', 'eval', 'sft'):
+    for use in ('probe', 'eval', 'dev', 'sft'):
       path = getattr(a, use)
       if not path:
         continue

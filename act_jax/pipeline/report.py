@@ -12,12 +12,16 @@ sets, seeded by the ability's name), and every candidate's metric and every
 difference between two candidates is computed on those same resamples. A
 verdict (`better`, `worse`, `within noise`) comes from the interval of the
 difference, never from the bare difference. Perplexity resamples items
-(rows) and recomputes exp(sum nll / sum tokens).
+(rows) and recomputes exp(sum nll / sum tokens). A row with several seeds
+(`<row>#s<seed>`, `sweep.seeds`) is one family: its value is the mean over
+its seeds, and each resample also draws the seeds with replacement (the
+same seed draws for every family of that many seeds, so seeds pair too).
+Every section names the eval split its numbers use (`evaluate.split`), and
+activation patching (the patch stage) gets its own tables.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from typing import Any
@@ -25,135 +29,22 @@ from typing import Any
 import numpy as np
 
 from act_jax.io import atomic
+from act_jax.pipeline import intervals
 from act_jax.pipeline import jobs as jobs_lib
+from act_jax.pipeline import patch_report
 from act_jax.pipeline import plots
 from act_jax.pipeline import runner
 
 STAGE_ORDER = ('build_models', 'convert', 'collect', 'localize', 'transfer',
-               'finetune', 'evaluate', 'report')
-HIGHER_IS_BETTER = {'exact_match': True, 'perplexity': False}
-SHORT = {'exact_match': 'acc', 'perplexity': 'ppl'}
-
-
-# -------------------------------------------------------------- bootstrap
-
-
-class Resampler:
-  """The paired bootstrap: one fixed set of resamples per ability."""
-
-  def __init__(self, num: int, confidence: float):
-    self.num, self.confidence = num, confidence
-    self._idx: dict[tuple[str, int], np.ndarray] = {}
-
-  def indices(self, ability: str, n: int) -> np.ndarray:
-    """`[B, n]` item indices of `ability` (the same for every candidate)."""
-    key = (ability, n)
-    if key not in self._idx:
-      seed = int.from_bytes(hashlib.sha256(ability.encode()).digest()[:8],
-                            'little')
-      self._idx[key] = np.random.default_rng(seed).integers(
-          0, n, (self.num, n))
-    return self._idx[key]
-
-  def replicates(self, ability: str, metric: str, rec: dict) -> np.ndarray:
-    """`[B]` bootstrap values of one candidate's metric on one ability."""
-    items = rec['items']
-    if metric == 'perplexity':
-      nll, tok = np.asarray(items['nll']), np.asarray(items['tokens'])
-      idx = self.indices(ability, len(nll))
-      return np.exp(nll[idx].sum(1) / np.maximum(tok[idx].sum(1), 1.0))
-    ok = np.asarray([float(i['correct']) for i in items])
-    return ok[self.indices(ability, len(ok))].mean(1)
-
-  def interval(self, reps: np.ndarray) -> tuple[float, float]:
-    """The central `confidence` interval of bootstrap values."""
-    a = (1 - self.confidence) / 2
-    lo, hi = np.quantile(reps, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def verdict(lo: float, hi: float, higher_is_better: bool) -> str:
-  """'better' / 'worse' / 'within noise' from the interval of a difference
-  (candidate minus reference)."""
-  if lo > 0:
-    return 'better' if higher_is_better else 'worse'
-  if hi < 0:
-    return 'worse' if higher_is_better else 'better'
-  return 'within noise'
-
-
-# ------------------------------------------------------------------ data
-
-
-def _metric(rec_metrics: dict) -> str:
-  return next(k for k in rec_metrics if k in HIGHER_IS_BETTER)
-
-
-def load_job(workdir: str, name: str) -> dict[str, Any]:
-  """A job's table and its candidates' per-item records."""
-  table = atomic.read_json(os.path.join(workdir, 'evaluate', name + '.json'))
-  recs = {}
-  for cand in table['order']:
-    recs[cand] = atomic.read_json(os.path.join(workdir, 'evaluate', name,
-                                               cand + '.json'))
-  return {'order': table['order'], 'records': recs}
-
-
-class JobView:
-  """One job's numbers: values, intervals, paired differences."""
-
-  def __init__(self, job: jobs_lib.Job, data: dict, rs: Resampler):
-    self.job, self.rs = job, rs
-    self.order = data['order']
-    self.recs = data['records']
-    self.abilities = list(job.abilities)
-    self.metric = {a: _metric(self.recs[self.order[0]]['metrics'][a])
-                   for a in self.abilities}
-    self._reps: dict[tuple[str, str], np.ndarray] = {}
-
-  def has(self, cand: str) -> bool:
-    return cand in self.recs
-
-  def value(self, cand: str, ability: str) -> float:
-    return float(self.recs[cand]['metrics'][ability][self.metric[ability]])
-
-  def reps(self, cand: str, ability: str) -> np.ndarray:
-    key = (cand, ability)
-    if key not in self._reps:
-      self._reps[key] = self.rs.replicates(
-          ability, self.metric[ability], self.recs[cand]['metrics'][ability])
-    return self._reps[key]
-
-  def cell(self, cand: str, ability: str) -> str:
-    lo, hi = self.rs.interval(self.reps(cand, ability))
-    return _fmt_ci(self.value(cand, ability), lo, hi, self.metric[ability])
-
-  def compare(self, cand: str, ref: str, ability: str) -> dict[str, Any]:
-    """The paired difference cand - ref on `ability`, with its verdict."""
-    d = self.reps(cand, ability) - self.reps(ref, ability)
-    lo, hi = self.rs.interval(d)
-    m = self.metric[ability]
-    return {'candidate': cand, 'reference': ref, 'ability': ability,
-            'metric': m, 'difference': self.value(cand, ability) -
-            self.value(ref, ability), 'lo': lo, 'hi': hi,
-            'verdict': verdict(lo, hi, HIGHER_IS_BETTER[m])}
-
-
-def _fmt(v: float, metric: str) -> str:
-  return f'{v:.3f}' if metric == 'exact_match' else f'{v:.2f}'
-
-
-def _fmt_ci(v: float, lo: float, hi: float, metric: str) -> str:
-  return f'{_fmt(v, metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]'
-
-
-def _fmt_diff(c: dict[str, Any]) -> str:
-  m = c['metric']
-  f = (lambda x: f'{x:+.3f}') if m == 'exact_match' else (
-      lambda x: f'{x:+.2f}')
-  return f'{f(c["difference"])} [{f(c["lo"])}, {f(c["hi"])}]'
-
-
+               'finetune', 'evaluate', 'patch', 'report')
+# The bootstrap and the views live in intervals.py; these names stay here.
+HIGHER_IS_BETTER = intervals.HIGHER_IS_BETTER
+SHORT = intervals.SHORT
+Resampler = intervals.Resampler
+JobView = intervals.JobView
+verdict = intervals.verdict
+load_job = intervals.load_job
+record_metrics = intervals.record_metrics
 # ------------------------------------------------------------- sections
 
 
@@ -165,20 +56,23 @@ def main_table(view: JobView) -> str:
       else None
   extra = ['recovered'] if rec_ability and view.has('source') and \
       view.has('target') else []
+  seeded = any(view.seeds(c) > 1 for c in view.order)
+  extra += ['seeds'] if seeded else []
   head = ['| candidate | ' + ' | '.join(cols + extra +
                                         ['params moved']) + ' |',
           '|---' * (len(cols) + len(extra) + 2) + '|']
-  base = view.recs[view.order[0]]
-  total = base.get('num_params')
+  total = view.record(view.order[0]).get('num_params')
   lines = []
   for cand in view.order:
     cells = [view.cell(cand, a) for a in view.abilities]
-    if extra:
+    if 'recovered' in extra:
       gap = view.value('source', rec_ability) - view.value('target',
                                                            rec_ability)
       got = view.value(cand, rec_ability) - view.value('target', rec_ability)
       cells.append(f'{got / gap:+.2f}' if abs(gap) > 1e-12 else '-')
-    moved = view.recs[cand].get('params_moved')
+    if seeded:
+      cells.append(str(view.seeds(cand)))
+    moved = view.record(cand).get('params_moved')
     cells.append('-' if moved is None else
                  f'{moved:,}' if not total else f'{100 * moved / total:.2f}%')
     lines.append(f'| {cand} | ' + ' | '.join(cells) + ' |')
@@ -223,7 +117,7 @@ def comparison_table(rows: list[dict[str, Any]], abilities) -> str:
   for r in rows:
     if r['ability'] in abilities:
       lines.append(f'| {r["candidate"]} | {r["reference"]} | {r["ability"]} '
-                   f'{SHORT[r["metric"]]} | {_fmt_diff(r)} | '
+                   f'{SHORT[r["metric"]]} | {intervals.fmt_diff(r)} | '
                    f'{r["verdict"]} |')
   return '\n'.join(lines) + '\n'
 
@@ -368,8 +262,8 @@ def _scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
            '|---' * (len(cols) + 1) + '|']
   for name, per in scores.items():
     lines.append(f'| {name} | ' + ' | '.join(
-        _fmt(per[a][m], m) if m in per.get(a, {}) else '-' for a, m in cols)
-                 + ' |')
+        intervals.fmt(per[a][m], m) if m in per.get(a, {}) else '-'
+        for a, m in cols) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -399,7 +293,8 @@ def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
   if build.get('scores'):
     lines += ['## Models after building (before ACT)', '',
               _scores_table(build['scores'])]
-  results: dict[str, Any] = {'title': rc.title, 'jobs': {},
+  results: dict[str, Any] = {'title': rc.title, 'jobs': {}, 'patch': {},
+                             'setup': _setup_record(plan),
                              'analysis': analysis,
                              'build': build,
                              'stages': {s: {k: m.get(k) for k in
@@ -410,40 +305,25 @@ def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
     if job.analyze_only or not os.path.isfile(
         os.path.join(workdir, 'evaluate', job.name + '.json')):
       continue
-    view = JobView(job, load_job(workdir, job.name), rs)
-    comps = comparisons(view)
-    moved = [p.ability for p in job.pairs]
-    lines += [f'## {job.name}', '', _job_line(job), '',
-              '### Every candidate on every ability', '', main_table(view),
-              f'### Paired comparisons on the transferred '
-              f'abilit{"y" if len(moved) == 1 else "ies"} ({", ".join(moved)})',
-              '', comparison_table(comps, moved)]
-    kept = [a for a in view.abilities if a not in moved]
-    if kept:
-      lines += [f'### Paired comparisons on the other abilities '
-                f'({", ".join(kept)})', '', comparison_table(comps, kept)]
-    score = merge_score(view)
-    if score:
-      lines += ['### Merge score (geometric mean of perplexity / the '
-                'specialist\'s, over the merged abilities)', '',
-                merge_table(view, score)]
-    job_res = {'order': view.order, 'comparisons': comps,
-               'values': {c: {a: {'value': view.value(c, a),
-                                  'ci': view.rs.interval(view.reps(c, a))}
-                              for a in view.abilities} for c in view.order}}
-    if job.kind == 'recover':
-      table, points = sufficiency(view)
-      lines += [f'### Sufficiency: {moved[0]} after transplant only (no '
-                'fine-tune)', '', table]
-      if rc.plots and points:
-        plot_files.append(plots.sufficiency_curves(
-            points, f'{moved[0]} {SHORT[view.metric[moved[0]]]}',
-            os.path.join(out_dir, f'sufficiency_{job.name}.png')))
-      job_res['sufficiency'] = points
-    if score:
-      job_res['merge_score'] = {c: {k: v for k, v in s.items() if k != 'reps'}
-                                for c, s in score.items()}
-    results['jobs'][job.name] = job_res
+    data = load_job(workdir, job.name)
+    per_split = {}
+    for k, sp in enumerate(data['splits']):
+      view = JobView(job, data, rs, sp)
+      text, per_split[sp], pngs = _job_section(
+          view, rc, out_dir, '' if k == 0 else f'_{sp}')
+      lines += text
+      plot_files += pngs
+    main = data['splits'][0]
+    results['jobs'][job.name] = dict(per_split[main], split=main, splits={
+        sp: r for sp, r in per_split.items() if sp != main})
+    if os.path.isfile(os.path.join(workdir, 'patch', job.name + '.json')):
+      pdata = load_job(workdir, job.name, 'patch')
+      results['patch'][job.name] = {}
+      for sp in pdata['splits']:
+        view = JobView(job, pdata, rs, sp)
+        text, results['patch'][job.name][sp] = patch_report.patch_section(
+            view, f'{job.name}, {_split_name(sp)}')
+        lines += text
   if analysis:
     lines += ['## Analyses', '', '### Concentration', '',
               'Fraction of a module\'s channels that holds X% of its score '
@@ -478,6 +358,65 @@ def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
   return {'plots': plot_files, 'jobs': sorted(results['jobs'])}
 
 
+def _split_name(split: str) -> str:
+  return ('dev split (abilities.*.dev)' if split == 'dev' else
+          'test split (abilities.*.eval)')
+
+
+def _job_section(view: JobView, rc, out_dir: str, suffix: str
+                 ) -> tuple[list[str], dict[str, Any], list[str]]:
+  """(Markdown lines, results record, plot paths) of one job on one
+  split; `suffix` tells the plots of a second split apart."""
+  job = view.job
+  comps = comparisons(view)
+  moved = [p.ability for p in job.pairs]
+  lines = [f'## {job.name}, {_split_name(view.split)}', '', _job_line(job) +
+           f' Every number in this section is measured on the '
+           f'{view.split} split.', '',
+           '### Every candidate on every ability', '', main_table(view),
+           f'### Paired comparisons on the transferred '
+           f'abilit{"y" if len(moved) == 1 else "ies"} ({", ".join(moved)})',
+           '', comparison_table(comps, moved)]
+  kept = [a for a in view.abilities if a not in moved]
+  if kept:
+    lines += [f'### Paired comparisons on the other abilities '
+              f'({", ".join(kept)})', '', comparison_table(comps, kept)]
+  score = merge_score(view)
+  if score:
+    lines += ['### Merge score (geometric mean of perplexity / the '
+              'specialist\'s, over the merged abilities)', '',
+              merge_table(view, score)]
+  job_res = {'order': view.order, 'comparisons': comps,
+             'seeds': {c: view.seeds(c) for c in view.order},
+             'values': {c: {a: {'value': view.value(c, a),
+                                'ci': view.rs.interval(view.reps(c, a))}
+                            for a in view.abilities} for c in view.order}}
+  pngs = []
+  if job.kind == 'recover':
+    table, points = sufficiency(view)
+    lines += [f'### Sufficiency: {moved[0]} after transplant only (no '
+              'fine-tune)', '', table]
+    if rc.plots and points:
+      pngs.append(plots.sufficiency_curves(
+          points, f'{moved[0]} {SHORT[view.metric[moved[0]]]}',
+          os.path.join(out_dir, f'sufficiency_{job.name}{suffix}.png')))
+    job_res['sufficiency'] = points
+  if score:
+    job_res['merge_score'] = {c: {k: v for k, v in s.items() if k != 'reps'}
+                              for c, s in score.items()}
+  return lines, job_res, pngs
+
+
+def _setup_record(plan: jobs_lib.Plan) -> dict[str, Any]:
+  """The knobs a cross-run report needs (results.json `setup`)."""
+  case = plan.case or {}
+  return {'splits': list(plan.splits), 'seeds': list(plan.seeds),
+          'scores': list(plan.scores), 'rhos': list(plan.rhos),
+          'specialist': dict(case.get('specialist') or {}),
+          'train': {k: getattr(plan.train, k) for k in
+                    ('num_steps', 'lr', 'batch_size', 'max_seq_len')}}
+
+
 def _job_line(job: jobs_lib.Job) -> str:
   if job.kind == 'recover':
     p = job.pairs[0]
@@ -492,13 +431,17 @@ def _setup(plan: jobs_lib.Plan) -> list[str]:
   out = ['- Models: ' + ', '.join(f'`{n}` = {plan.models[n]}'
                                   for n in plan.model_names) + '.']
   for name, a in plan.abilities.items():
-    if a.eval:
+    if a.eval or a.dev:
       how = (f'greedy generation ({a.max_new_tokens} tokens), match '
              f'`{a.match}`' if a.metric == 'exact_match' else
              'perplexity')
-      out.append(f'- Ability `{name}`: {a.template} rendering, {how}; eval '
-                 f'{a.eval}' + (f'; probe {a.probe}' if a.probe else '') +
+      out.append(f'- Ability `{name}`: {a.template} rendering, {how}; '
+                 + '; '.join(f'{sp} split {_file(a, sp)}'
+                             for sp in plan.splits)
+                 + (f'; probe {a.probe}' if a.probe else '') +
                  (f'; SFT {a.sft}' if a.sft else '') + '.')
+  out.append(f'- Eval splits: {", ".join(plan.splits)} (`evaluate.split`); '
+             'each section below names the split its numbers use.')
   out.append(f'- Localization: scores {", ".join(plan.scores)}, selection '
              f'{loc.select} ({loc.unit}s) at rho '
              f'{", ".join(f"{r:g}" for r in plan.rhos)}'
@@ -512,7 +455,20 @@ def _setup(plan: jobs_lib.Plan) -> list[str]:
              f'(transferred {plan.sft.ability_weight:g}, retained '
              f'{plan.sft.retain_weight:g}). `full_ft`: the same data, steps '
              'and lr, every param.')
+  if plan.seeds:
+    out.append(f'- Seeds {", ".join(map(str, plan.seeds))} (`sweep.seeds`) '
+               'for every seeded row (random channels: the mask; +ft and '
+               'full_ft: the SFT order; DARE: the drop masks): a seeded '
+               'row\'s value is the mean over its seeds, and its interval '
+               'resamples the seeds as well as the items.')
+  if sw.patch:
+    out.append(f'- Activation patching of {sw.patch} channel sets at every '
+               'rho (patch stage).')
   return out + ['']
+
+
+def _file(a: jobs_lib.Ability, split: str) -> str:
+  return a.dev if split == 'dev' else a.eval
 
 
 def publish(out_dir: str, dest: str) -> str:

@@ -14,6 +14,8 @@
   finetune      per job: its compatibility fine-tune (channels only)
   evaluate      per job: every candidate of the sweep on every ability, with
                 per-item outcomes (one sub-artifact per candidate)
+  patch         (sweep.patch set) per recover job: activation patching of
+                the sweep's channel sets, teacher-forced on every ability
   report        report.md, plots, results.json from the artifacts alone
   export        per job: each saved result (act, act_ft) as an HF directory
                 with a Hub model card and HF-named channel masks
@@ -41,6 +43,7 @@ Artifacts (every write is atomic; sub-artifacts make killed stages resume):
   export/<job>/{act,act_ft}/              HF dirs: safetensors, config,
                                           tokenizer, README.md (ModelCard),
                                           channel_masks.json
+  patch/<job>/<candidate>.json, patch/<job>.json   the same for patching
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from act_jax.act import analysis
 from act_jax.act import collect as collect_lib
 from act_jax.act import localize as localize_lib
 from act_jax.act import masks as masks_lib
+from act_jax.act import patching
 from act_jax.eval import metrics as eval_metrics
 from act_jax.io import atomic
 from act_jax.io import hf
@@ -93,6 +97,7 @@ CODE = {
     'finetune': ('act', 'train', 'pipeline/candidates.py') + _CORE,
     'evaluate': ('act', 'train', 'eval', 'pipeline/candidates.py') + _CORE,
     'export': ('act', 'pipeline/candidates.py', 'pipeline/export.py') + _CORE,
+    'patch': ('act', 'pipeline/candidates.py') + _CORE,
 }
 
 
@@ -147,8 +152,8 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
     out.append(S('finetune', lambda ctx: finetune(plan, ctx, mesh),
                  inputs=('convert', 'localize', 'transfer'),
                  snapshot=snap(plan.train, plan.sft, plan.abilities,
-                               plan.jobs), code=CODE['finetune'],
-                 paths=files('sft', plan.abilities)))
+                               plan.jobs, plan.seeds),  # seeds: SFT order
+                 code=CODE['finetune'], paths=files('sft', plan.abilities)))
     out.append(S('evaluate', lambda ctx: evaluate(plan, ctx, mesh),
                  inputs=('convert', 'localize', 'transfer', 'finetune'),
                  snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
@@ -157,9 +162,17 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
                  code=CODE['evaluate'],
                  paths=files('eval', evaluated) + files('sft',
                                                         plan.abilities)))
+  patched = ()
+  if plan.sweep.patch and any(j.kind == 'recover' for j in plan.jobs):
+    patched = ('patch',)
+    out.append(S('patch', lambda ctx: patch(plan, ctx, mesh),
+                 inputs=('convert', 'localize'),
+                 snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
+                               plan.abilities, plan.jobs),
+                 code=CODE['patch'], paths=files('eval', evaluated)))
   out.append(S('report', lambda ctx: report(plan, ctx),
-               inputs=('localize',) if plan.modes == ('analyze',) else
-               ('localize', 'evaluate')))
+               inputs=(('localize',) if plan.modes == ('analyze',) else
+                       ('localize', 'evaluate')) + patched))
   if plan.modes != ('analyze',):
     out.append(S('export', lambda ctx: export_lib.export_results(
         plan, ctx.workdir, ctx.out_dir, ctx.sub_done, mesh),
@@ -322,10 +335,11 @@ def collect(collect_cfg: jobs_lib.CollectConfig,
             params, cfg, mine, spec, mesh=mesh,
             ckpt_dir=ctx.sub_dir(sub + '.ckpt'),
             save_every=collect_cfg.save_every, num_batches=len(mine),
-            fingerprint={'probe': info, 'models': list(names)})
-        manifest = stats_io.make_manifest(names, cfg, spec.sites,
-                                          dict(info, path=ability.probe,
-                                               half=h), flat)
+            fingerprint={'probe': info, 'models': list(names)},
+            attribution=collect_cfg.attribution)
+        manifest = stats_io.make_manifest(
+            names, cfg, spec.sites, dict(info, path=ability.probe, half=h),
+            flat, attribution=collect_cfg.attribution)
         _primary(f'collect:{sub}', stats_io.save_stats, ctx.sub_dir(sub),
                  flat, manifest)
         _primary(f'collect:{sub}.ckpt', atomic.remove_tree,
@@ -567,7 +581,7 @@ def finetune(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
     cfg, start = models_io.load_model(os.path.join(
         ctx.input_dir('transfer'), job.name, 'act'), mesh=mesh)
     tok = models_io.load_tokenizer(_model_dir(ctx, job.base))
-    batches, info = sft_batches(plan, job, tok)
+    batches, info = sft_batches(cand_lib.with_sft_seed(plan, cand), job, tok)
     mask = b.train_mask(cand)
     new = compat_finetune(plan, start, cfg, mask, batches,
                           ctx.sub_dir(job.name + '_work'), mesh=mesh)
@@ -582,14 +596,22 @@ def finetune(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
 # ----------------------------------------------------------------- evaluate
 
 
-def eval_sets(plan: jobs_lib.Plan, names, tokenizer) -> dict[str, dict]:
-  """`{ability: {'metric', 'batches' | 'items', ...}}`, built once."""
+def split_file(ability: jobs_lib.Ability, split: str) -> str:
+  """The eval records of `ability` in `split` (test: `eval`, dev: `dev`)."""
+  return ability.dev if split == 'dev' else ability.eval
+
+
+def eval_sets(plan: jobs_lib.Plan, names, tokenizer, split: str = 'test',
+              metric: str | None = None) -> dict[str, dict]:
+  """`{ability: {'metric', 'batches' | 'items', ...}}` of one split, built
+  once; `metric='perplexity'` makes every ability teacher-forced (the
+  response's perplexity for QA: activation patching)."""
   ev = plan.evaluate
   out = {}
   for name in names:
     a = plan.abilities[name]
-    recs = data.load_records(a.eval)[:ev.num_eval or None]
-    if a.metric == 'perplexity':
+    recs = data.load_records(split_file(a, split))[:ev.num_eval or None]
+    if (metric or a.metric) == 'perplexity':
       dcfg = data_config(a, 'eval', ev.max_seq_len, ev.batch_size)
       out[name] = {'metric': 'perplexity',
                    'batches': data.load_batches(dcfg, tokenizer, recs)[0]}
@@ -655,11 +677,12 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
     base_dir = _model_dir(ctx, job.base)
     tok = models_io.load_tokenizer(base_dir)
     stop_ids = models_io.generation_stop_ids(base_dir, tok)
-    sets = eval_sets(plan, job.abilities, tok)
+    splits = plan.splits
+    sets = {sp: eval_sets(plan, job.abilities, tok, sp) for sp in splits}
     cands = cand_lib.enumerate_candidates(job, plan)
     primary = {cand_lib.primary(plan, False).name: ('transfer', 'act'),
                cand_lib.primary(plan, True).name: ('finetune', 'act_ft')}
-    sft = None
+    sft = {}  # SFT seed -> batches
     t0, done, seconds = time.time(), 0, {}
     for n, cand in enumerate(cands, start=1):
       sub = os.path.join(job.name, cand.file)
@@ -678,8 +701,10 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
       else:
         params = b.build(cand)
         if cand.finetune:
-          if sft is None:
-            sft = sft_batches(plan, job, tok)
+          seed = cand_lib.sft_seed(cand, plan)
+          if seed not in sft:
+            sft[seed] = sft_batches(cand_lib.with_sft_seed(plan, cand), job,
+                                    tok)
           work = ctx.sub_dir(os.path.join(job.name, cand.name + '.work'))
           tf = time.time()
           # finetune never donates the caller's arrays: the shared leaves
@@ -687,16 +712,23 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
           params = compat_finetune(
               plan, params, cfg,
               None if cand.kind == 'full_ft' else b.train_mask(cand),
-              sft[0], work, scope='full' if cand.kind == 'full_ft' else None,
-              mesh=mesh)
+              sft[seed][0], work,
+              scope='full' if cand.kind == 'full_ft' else None, mesh=mesh)
           info['finetune_s'] = round(time.time() - tf, 2)
-          info['sft'] = sft[1]
+          info['sft'] = sft[seed][1]
       info['params_moved'] = _moved(b, cand)
       info['num_params'] = forward.count_params(params)
       te = time.time()
+      # The first split is `metrics`; the others go under `splits`.
+      info['split'] = splits[0]
       info['metrics'] = evaluate_params(
-          params, cfg, sets, tok, plan, stop_ids, mesh, seconds=seconds,
-          label=f'{job.name} {n}/{len(cands)} {cand.name}')
+          params, cfg, sets[splits[0]], tok, plan, stop_ids, mesh,
+          seconds=seconds, label=f'{job.name} {n}/{len(cands)} {cand.name}')
+      if len(splits) > 1:
+        info['splits'] = {sp: evaluate_params(
+            params, cfg, sets[sp], tok, plan, stop_ids, mesh,
+            label=f'{job.name} {n}/{len(cands)} {cand.name} ({sp})')
+                          for sp in splits[1:]}
       info['eval_s'] = round(time.time() - te, 2)
       info['wall_s'] = round(time.time() - t1, 2)
       # Per-item samples (lm-eval --log_samples style) before the metrics
@@ -716,16 +748,88 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
                    {a: {k: round(v, 4) for k, v in m.items() if k != 'items'}
                     for a, m in info['metrics'].items()})
       del params
-    table = {}
-    for cand in cands:
-      rec = atomic.read_json(ctx.sub_dir(os.path.join(job.name, cand.file)))
-      table[cand.name] = {a: {k: v for k, v in m.items()
-                              if k not in ('items', 'nll')}
-                          for a, m in rec['metrics'].items()}
-    _primary(f'evaluate:{job.name}.json', atomic.write_json,
-             ctx.sub_dir(job.name + '.json'),
-             {'results': table, 'order': [c.name for c in cands]})
+    write_table(ctx, job.name, cands, splits)
     out[job.name] = {'candidates': len(cands)}
+  return out
+
+
+def write_table(ctx: Ctx, job_name: str, cands, splits) -> None:
+  """`<job>.json`: every row's metrics (no per-item outcomes) in order,
+  the first split under `results`, the others under `splits`."""
+  tables = {sp: {} for sp in splits}
+  for cand in cands:
+    rec = atomic.read_json(ctx.sub_dir(os.path.join(job_name, cand.file)))
+    per = dict(rec.get('splits', {}), **{splits[0]: rec['metrics']})
+    for sp in splits:
+      tables[sp][cand.name] = {a: {k: v for k, v in m.items()
+                                   if k not in ('items', 'nll')}
+                               for a, m in per[sp].items()}
+  out = {'results': tables[splits[0]], 'split': splits[0],
+         'order': [c.name for c in cands]}
+  if len(splits) > 1:
+    out['splits'] = {sp: tables[sp] for sp in splits[1:]}
+  _primary(f'table:{ctx.name}:{job_name}', atomic.write_json,
+           ctx.sub_dir(job_name + '.json'), out)
+
+
+def patch(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
+  """Activation patching of each recover job's channel sets: the target
+  runs beside the source and takes the source's activations in the
+  channels (act.patching), teacher-forced on every ability's eval split(s);
+  one sub-artifact per row, as the evaluate stage's."""
+  out = {}
+  for job in plan.jobs:
+    cands = cand_lib.enumerate_patch_candidates(job, plan)
+    if not cands:
+      continue
+    b = cand_lib.Builder(plan, job, ctx.input_dir('convert'),
+                         ctx.input_dir('localize'), mesh=mesh)
+    cfg, pair = b.config(), job.pairs[0]
+    tok = models_io.load_tokenizer(_model_dir(ctx, job.base))
+    splits = plan.splits
+    sets = {sp: eval_sets(plan, job.abilities, tok, sp, metric='perplexity')
+            for sp in splits}
+    for sp, per in sets.items():
+      for a, s in per.items():
+        if not any(np.any(bt['token_mask_bt'][:, 1:]) for bt in s['batches']):
+          raise jobs_lib.ConfigError(
+              f'patch: ability {a} ({sp} split) has no response token '
+              f'within evaluate.max_seq_len={plan.evaluate.max_seq_len}; '
+              'raise it')
+    stacked = patching.stack_pair(b.params(pair.target),
+                                  b.params(pair.source))
+    sites = masks_lib.site_shapes(cfg)
+    t0 = time.time()
+    for cand in cands:
+      sub = os.path.join(job.name, cand.file)
+      if _done(ctx, sub):
+        continue
+      # Every row patches the same sites (zeros where a set has none), so
+      # one compiled forward serves all; target: nothing patched; source:
+      # its own, clean row of the pair.
+      mask = masks_lib.empty_mask(sites)
+      if cand.channels:
+        mask.update(b.train_mask(cand))
+      hooks = patching.patch_hooks(mask, cfg)
+      row = 1 if cand.kind == 'source' else 0
+      per = {}
+      for sp in splits:
+        per[sp] = {}
+        for a, s in sets[sp].items():
+          r = patching.patched_perplexity(stacked, cfg, s['batches'],
+                                          hooks, mesh=mesh)[row]
+          per[sp][a] = {'perplexity': r['ppl'], 'nll': r['nll'],
+                        'items': r['items']}
+      info = {'candidate': dataclasses.asdict(cand), 'split': splits[0],
+              'metrics': per[splits[0]],
+              'params_moved': None,
+              'channels': int(masks_lib.count(mask))}
+      if len(splits) > 1:
+        info['splits'] = {sp: per[sp] for sp in splits[1:]}
+      _primary(f'patch:{sub}', atomic.write_json, ctx.sub_dir(sub), info)
+    write_table(ctx, job.name, cands, splits)
+    out[job.name] = {'candidates': len(cands),
+                     'wall_s': round(time.time() - t0, 1)}
   return out
 
 

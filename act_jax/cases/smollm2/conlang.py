@@ -17,6 +17,7 @@ with the same Python minor version (`corpus.py` records a digest).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import re
@@ -117,6 +118,12 @@ def english_paragraphs(stdlib_docstrings: bool = True) -> list[str]:
   Returns them whitespace-normalised and deduplicated, in a fixed order
   (sorted topic names, then sorted stdlib file paths, document order).
   """
+  return list(_paragraphs(stdlib_docstrings))
+
+
+@functools.lru_cache(maxsize=2)
+def _paragraphs(stdlib_docstrings: bool) -> tuple[str, ...]:
+  # Cached: parsing the stdlib takes seconds and every split reads it.
   # Lazy: a 700 kB module of text, read once when the corpus is built.
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
   raws = [topics.topics[k] for k in sorted(topics.topics)]
@@ -128,4 +135,4 @@ def english_paragraphs(stdlib_docstrings: bool = True) -> list[str]:
       if text not in seen:
         seen.add(text)
         out.append(text)
-  return out
+  return tuple(out)

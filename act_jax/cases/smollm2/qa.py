@@ -9,6 +9,8 @@ animals, science and general knowledge, English grammar.
 `split_items` divides the set deterministically, per category, into an
 evaluation half and a training half (probe set for localization and data for
 the compatibility fine-tune); the halves never share a question.
+`split_three` does the same for any item list (this set plus the
+package-built facts of facts.py) with a dev split between the two.
 """
 
 from __future__ import annotations
@@ -193,16 +195,33 @@ def _rank(seed: int, item: QAItem) -> bytes:
   return hashlib.sha256(f'{seed}:{item.question}'.encode()).digest()
 
 
-def split_items(seed: int = 0, eval_frac: float = 0.5
-               ) -> tuple[list[QAItem], list[QAItem]]:
-  """(eval, train): per category, a seeded `eval_frac` of items is eval."""
+def split_three(items: list[QAItem], seed: int = 0, eval_frac: float = 0.5,
+                dev_frac: float = 0.0
+               ) -> tuple[list[QAItem], list[QAItem], list[QAItem]]:
+  """(eval, dev, train): per category, items ranked by a seeded hash of the
+  question; the first `eval_frac` are eval (the test split), the next
+  `dev_frac` dev, the rest train. With `dev_frac=0` the eval half is the
+  one `split_items` always gave, so older studies' test sets stand."""
+  if not (0 <= eval_frac <= 1 and 0 <= dev_frac <= 1 - eval_frac):
+    raise ValueError(f'QA split fractions eval={eval_frac} dev={dev_frac}: '
+                     'need 0 <= eval, 0 <= dev and eval + dev <= 1')
   by_cat: dict[str, list[QAItem]] = {}
-  for item in all_items():
+  for item in items:
     by_cat.setdefault(item.category, []).append(item)
-  evals, trains = [], []
+  evals, devs, trains = [], [], []
   for cat in sorted(by_cat):
     ranked = sorted(by_cat[cat], key=lambda it: _rank(seed, it))
     n_eval = round(len(ranked) * eval_frac)
+    n_dev = round(len(ranked) * dev_frac)
     evals.extend(ranked[:n_eval])
-    trains.extend(ranked[n_eval:])
+    devs.extend(ranked[n_eval:n_eval + n_dev])
+    trains.extend(ranked[n_eval + n_dev:])
+  return evals, devs, trains
+
+
+def split_items(seed: int = 0, eval_frac: float = 0.5
+               ) -> tuple[list[QAItem], list[QAItem]]:
+  """(eval, train) of the hand-written set: per category, a seeded
+  `eval_frac` of items is eval."""
+  evals, _, trains = split_three(all_items(), seed, eval_frac)
   return evals, trains
