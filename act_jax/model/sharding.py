@@ -197,20 +197,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def put(x, target: jax.sharding.Sharding):
+def put(x, target):
   """A host value that every process holds, placed onto `target`.
 
   `jax.jit` refuses numpy inputs for non-replicated `in_shardings` in a
   multi-process run; `device_put` of the same host value on every process
   builds the global array (each process fills its own shards). Works on
-  pytrees; arrays already on `target` are returned as they are.
+  pytrees, with one sharding for every leaf or a tree of shardings like
+  `x`; arrays already on their sharding are returned as they are.
   """
-  def one(a):
-    if isinstance(a, jax.Array) and a.sharding == target:
+  def one(a, sh):
+    if isinstance(a, jax.Array) and a.sharding == sh:
       return a
     return jax.device_put(np.asarray(a) if not isinstance(a, jax.Array)
-                          else a, target)
-  return jax.tree.map(one, x)
+                          else a, sh)
+  if isinstance(target, jax.sharding.Sharding):
+    return jax.tree.map(lambda a: one(a, target), x)
+  return jax.tree.map(one, x, target)
 
 
 def to_host(x) -> np.ndarray:
