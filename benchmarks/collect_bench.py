@@ -175,7 +175,7 @@ def bench_model(name, torch_models, cfg32, dtypes, ks):
       stacked = forward.stack_params(
           [jax.tree.map(lambda x: jnp.asarray(x, dt), p)
            for p in params32[:k]], layer_major=True)
-      step, zeros, psh, bsh, _, _ = collect._compiled(  # pylint: disable=protected-access
+      step, zeros, psh, bsh, _, _ = collect.compiled_step(
           cfg, spec, mesh, sharding.DEFAULT_RULES, k,
           (_BATCH.value, _SEQ.value))
       stacked = jax.device_put(stacked, psh)

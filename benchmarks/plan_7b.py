@@ -37,6 +37,8 @@ import time
 from absl import app
 from absl import flags
 
+import bench_common
+
 flags.DEFINE_list('models', ['qwen2.5-7b', 'llama3-8b'], 'Model shapes.')
 flags.DEFINE_list('devices', ['8', '32'], 'Fake CPU device counts.')
 flags.DEFINE_list('programs', ['stats', 'finetune', 'evaluate'],
@@ -56,6 +58,10 @@ PLANS = {
              where='v5e-32 (16 GB HBM per chip)'),
 }
 SHAPES = {
+    # A small Llama for the smoke test (tests/benchmarks_test.py).
+    'tiny': dict(model_type='llama', vocab_size=512, hidden_size=128,
+                 intermediate_size=256, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=32, rope_theta=1e4),
     'qwen2.5-7b': dict(model_type='qwen2', vocab_size=152064,
                        hidden_size=3584, intermediate_size=18944,
                        num_layers=28, num_heads=28, num_kv_heads=4,
@@ -177,6 +183,8 @@ def main(argv):
   if FLAGS.child:
     child(FLAGS.child)
     return
+  print(bench_common.header('plan_7b', ' '.join(
+      ['python benchmarks/plan_7b.py'] + sys.argv[1:])))
   rows = []
   for n in FLAGS.devices:
     env = dict(os.environ, JAX_PLATFORMS='cpu',

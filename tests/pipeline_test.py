@@ -209,14 +209,15 @@ class CliTest(absltest.TestCase):
                           timeout=300)
 
   def test_errors_are_one_line_with_exit_2(self):
+    out = os.path.join(tempfile.mkdtemp(), 'x')  # does not exist
     for module, args, want in (
-        ('act_jax.localize', ['--out=/tmp/x'], '--stats is required'),
+        ('act_jax.localize', [f'--out={out}'], '--stats is required'),
         ('act_jax.collect', ['--models=/nope', '--probe=p.jsonl',
-                             '--out=/tmp/x'],
+                             f'--out={out}'],
          'missing checkpoint directory /nope'),
         ('act_jax.localize', ['--stats=/tmp', '--top_frac=x'],
          "flag --top_frac=x"),
-        ('act_jax.main', ['--workdir=/tmp/w_bad',
+        ('act_jax.main', [f'--workdir={out}_w',
                           '--config=configs/demo.py:tiny',
                           '--config.localize.score=bogus'],
          'localize.score'),

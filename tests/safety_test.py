@@ -113,7 +113,9 @@ def _localize_flags(**kw):
 def _transfer_flags(**kw):
   base = dict(hf_out=None, policy='average', alpha=1.0, include=[],
               unit='channel', priority=None, allow_other_models=False,
-              overwrite=False, follow_symlinks=False)
+              overwrite=False, follow_symlinks=False, method='act',
+              max_shard_bytes=2**30, interp_t=0.5, ta_lambda=0.5,
+              ties_density=0.2, dare_drop=0.9, seed=0)
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -458,9 +460,15 @@ class StrangerInputsTest(absltest.TestCase):
       shutil.copy(os.path.join(self.model, f),
                   os.path.join(cache, 'blobs', f))
       os.symlink(os.path.join('..', '..', 'blobs', f), os.path.join(snap, f))
+    # For a snapshot, the repo's cache folder is the checkpoint: its blobs
+    # need no flag (what a Hub id resolves to) ...
+    convert.convert_hf_to_params(snap, snap + '_params')
+    # ... but a snapshot file linking out of the repo folder is refused.
+    os.remove(os.path.join(snap, 'tokenizer_config.json'))
+    os.symlink(self.secret, os.path.join(snap, 'tokenizer_config.json'))
     with self.assertRaisesRegex(ValueError, 'follow_symlinks'):
-      convert.convert_hf_to_params(snap, snap + '_params')
-    convert.convert_hf_to_params(snap, snap + '_params', follow_symlinks=True)
+      convert.convert_hf_to_params(snap, snap + '_params2')
+    self.assertFalse(os.path.exists(snap + '_params2'))
     # A link that stays inside the checkpoint is fine without the flag.
     inside = self._copy('inside_link')
     os.rename(os.path.join(inside, 'model.safetensors'),

@@ -128,7 +128,7 @@ class StreamTest(absltest.TestCase):
                  priority=None, allow_other_models=False, overwrite=False,
                  max_shard_bytes=2**30, policy='average', alpha=1.0,
                  interp_t=0.5, ta_lambda=0.5, ties_density=0.4,
-                 dare_drop=0.9, seed=0)
+                 dare_drop=0.9, seed=0, follow_symlinks=False)
     transfer_cli.run_cli(types.SimpleNamespace(**flags))
     cfg, got = hf.load_hf_params(out)
     self.assertEqual(cfg.param_dtype, 'bfloat16')

@@ -248,9 +248,11 @@ class Builder:
     return self._models[name]
 
   def config(self):
-    """The job's ModelConfig."""
+    """The job's ModelConfig (read from the base's small config files: no
+    weights are loaded for it)."""
     if self.cfg is None:
-      self.params(self.job.base)
+      self.cfg = models_io.load_config(
+          os.path.join(self.convert_dir, self.job.base))
     return self.cfg
 
   def pair_scores(self, k: int):

@@ -134,7 +134,8 @@ def export_results(plan: jobs_lib.Plan, workdir: str, out_dir: str,
       continue
     base_dir = os.path.join(convert, job.base)
     builder = cand_lib.Builder(plan, job, convert,
-                               runner.stage_dir(workdir, 'localize'))
+                               runner.stage_dir(workdir, 'localize'),
+                               mesh=mesh)
     for result, src in result_dirs(workdir, job).items():
       sub = os.path.join(job.name, result)
       cand = cand_lib.primary(plan, finetune=RESULTS[result][1])

@@ -361,12 +361,16 @@ def prepare_workdir(workdir: str) -> None:
   workdir = os.path.abspath(workdir)
   if os.path.lexists(workdir) and not os.path.isdir(workdir):
     raise StageError(f'--workdir={workdir} exists and is not a folder')
+  # Every process reads the folder before process 0 marks it, and all meet
+  # at the same barriers whatever they read.
+  distributed.barrier(f'workdir_check:{workdir}')
   marker = atomic.read_marker(workdir)
   if marker is not None:
     if marker.get('kind') != 'workdir':
       raise StageError(f'--workdir={workdir} holds an act-jax '
                        f'{marker.get("kind")} artifact, not a workdir; '
                        'choose another folder')
+    distributed.barrier(f'workdir:{workdir}')
     return
   entries = [e for e in (os.listdir(workdir) if os.path.isdir(workdir)
                           else []) if e != LOCK]
