@@ -70,7 +70,10 @@ def scoring_program(cfg: ModelConfig, mesh):
   out_sh = (sharding.replicated(mesh),) * 2
 
   def run(params, batch):
-    return losses.sequence_logprobs(params, batch, cfg)
+    # Activations constrained on the mesh while tracing, wherever the
+    # program is traced from (a call, or `.lower` ahead of time).
+    with sharding.activation_sharding(mesh):
+      return losses.sequence_logprobs(params, batch, cfg)
 
   return jax.jit(run, in_shardings=(param_sh, batch_sh),
                  out_shardings=out_sh), param_sh, batch_sh
@@ -108,8 +111,7 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
     # Host batches become global arrays (numpy into sharded in_shardings is
     # refused in multi-process runs).
     batch = sharding.put(batch, batch_sh)
-    with sharding.activation_sharding(mesh):
-      pending.append((n, fn(params, batch)))
+    pending.append((n, fn(params, batch)))
   if not pending:
     raise ValueError('no eval batches')
   got = jax.device_get([out for _, out in pending])
