@@ -69,7 +69,7 @@ def get_config(arg: str = '50'):
         facts='capital,continent', facts_per_kind=6)
   else:
     c.case.data = rec.corpus(
-        english_eval_paragraphs=48,  # test split (the first 32: smollm2.md)
+        english_eval_paragraphs=48,  # test split (first 32: docs/results/smollm2.md)
         conlang_eval_paragraphs=48,
         english_dev_paragraphs=48,  # dev split: the next held-out ones
         conlang_dev_paragraphs=48,

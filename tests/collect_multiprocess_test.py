@@ -68,7 +68,7 @@ class CollectMultiprocessTest(absltest.TestCase):
                 mesh_shape=['-1', '1', '1'], models_axis=None,
                 models_per_pass=0, dtype='', save_every=0, throttle_s=0.0,
                 shuffle_seed=None, overwrite=False, restart=False,
-                follow_symlinks=False)
+                follow_symlinks=False, attribution=False)
     base.update(args)
     return base
 

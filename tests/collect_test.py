@@ -193,7 +193,7 @@ class CollectTest(absltest.TestCase):
                 sites=','.join(SITES), mesh_shape=['-1', '1', '1'],
                 models_axis=None, models_per_pass=0, dtype='', save_every=0,
                 throttle_s=0.0, shuffle_seed=None, overwrite=False,
-                restart=False, follow_symlinks=False)
+                restart=False, follow_symlinks=False, attribution=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 

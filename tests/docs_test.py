@@ -11,6 +11,10 @@ from absl.testing import absltest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Names of files the pipeline writes into a workdir, and placeholders.
 GENERATED = {'report.md', 'README.md', 'x.md', 'samples.jsonl'}
+# Outputs of documented commands that have not been run yet: the strength
+# study (configs/smollm2_strength.py; BUILD.md says it is not run). Remove an
+# entry when its file lands.
+NOT_YET_RUN = ('docs/results/smollm2_strength',)
 PATH = re.compile(r'(?<![\w/.-])((?:act_jax|configs|docs|tests|examples|'
                   r'launch|benchmarks)/[\w./-]*\w)')
 MD = re.compile(r'(?<![\w/.-])([\w./-]*\w\.md)\b')
@@ -36,7 +40,8 @@ class DocsTest(absltest.TestCase):
       rel = os.path.relpath(f, REPO)
       for ref in PATH.findall(text):
         ref = ref.rstrip('.').split(':')[0]
-        if '<' in ref or '{' in ref or os.path.basename(ref) in GENERATED:
+        if ('<' in ref or '{' in ref or os.path.basename(ref) in GENERATED
+            or ref.startswith(NOT_YET_RUN)):
           continue
         # 'benchmarks/README' names benchmarks/README.md.
         if not any(os.path.exists(os.path.join(REPO, ref + ext))
@@ -44,7 +49,7 @@ class DocsTest(absltest.TestCase):
           missing.append(f'{rel}: {ref}')
       for ref in MD.findall(text):
         if os.path.basename(ref) in GENERATED or '/' in ref and ref.startswith(
-            ('workdir', 'runs')):
+            ('workdir', 'runs')) or ref.startswith(NOT_YET_RUN):
           continue
         if not (os.path.exists(os.path.join(REPO, ref)) or
                 os.path.exists(os.path.join(os.path.dirname(f), ref))):

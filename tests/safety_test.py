@@ -95,7 +95,7 @@ def _collect_flags(**kw):
               sites=SITES, mesh_shape=['-1', '1', '1'], models_axis=None,
               models_per_pass=0, dtype='', save_every=0, throttle_s=0.0,
               shuffle_seed=None, overwrite=False, restart=False,
-              follow_symlinks=False)
+              follow_symlinks=False, attribution=False)
   base.update(kw)
   return types.SimpleNamespace(**base)
 
@@ -287,8 +287,12 @@ class ResumeTest(absltest.TestCase):
     got, want = stats_io.load_stats(out), stats_io.load_stats(fresh)
     for site in want.arrays:
       for stat, v in want.arrays[site].items():
+        # One device (the CLI) against this process's 8: float32 sums in
+        # another order, so equal to rounding of the largest sum; a mix of
+        # two runs' statistics differs by O(1).
         np.testing.assert_allclose(got.arrays[site][stat], v, rtol=1e-5,
-                                   atol=1e-6, err_msg=f'{site}/{stat}')
+                                   atol=1e-6 * max(1.0, np.abs(v).max()),
+                                   err_msg=f'{site}/{stat}')
     # The probe edited in place, its length kept.
     out2 = os.path.join(self.tmp, 'stats2')
     cmd = self._killed_collect(models, probe, out2)
