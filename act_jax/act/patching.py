@@ -61,11 +61,6 @@ def stack_pair(target, source):
   return forward.stack_params([target, source])
 
 
-def _batch_axes_size(mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp')
-                      if a in mesh.shape]))
-
-
 @functools.lru_cache(maxsize=8)
 def _jitted(cfg: ModelConfig, mesh, num_models: int, sites: tuple[str, ...]):
   abstract = jax.tree.map(
@@ -93,15 +88,6 @@ def _jitted(cfg: ModelConfig, mesh, num_models: int, sites: tuple[str, ...]):
           batch_sh, hook_sh)
 
 
-def _pad_rows(batch: dict[str, np.ndarray], multiple: int):
-  b = batch['tokens_bt'].shape[0]
-  extra = (-b) % multiple
-  if not extra:
-    return batch, b
-  return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}, b
-
-
 def patched_sequence_scores(stacked, cfg: ModelConfig,
                             batches: Sequence[dict[str, np.ndarray]],
                             hooks: dict[str, Any], *, mesh=None
@@ -127,7 +113,7 @@ def patched_sequence_scores(stacked, cfg: ModelConfig,
     losses.check_batch(batch)
     batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
     real.append(batch['attention_mask_bt'].any(-1))
-    batch, n = _pad_rows(batch, _batch_axes_size(mesh))
+    batch, n = sharding.pad_rows(batch, sharding.batch_axes_size(mesh))
     pending.append((n, fn(stacked, sharding.put(batch, batch_sh), hooks)))
   if not pending:
     raise ValueError('patched_sequence_scores: no batches')

@@ -52,11 +52,6 @@ MATCHES = ('exact', 'contains', 'regex', 'last_number', 'hash')
 # ---------------------------------------------------------------- jitting
 
 
-def _batch_axes_size(mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp')
-                      if a in mesh.shape]))
-
-
 @functools.lru_cache(maxsize=16)
 def scoring_program(cfg: ModelConfig, mesh):
   """`(jitted, param_sh, batch_sh)`: the per-row scoring forward every
@@ -79,17 +74,6 @@ def scoring_program(cfg: ModelConfig, mesh):
                  out_shardings=out_sh), param_sh, batch_sh
 
 
-def _pad_rows(batch: dict[str, np.ndarray], multiple: int):
-  """Appends empty rows (all-zero masks) so B is a multiple of `multiple`."""
-  b = batch['tokens_bt'].shape[0]
-  extra = (-b) % multiple
-  if not extra:
-    return batch, b
-  return {k: np.concatenate([np.asarray(v), np.zeros(
-      (extra,) + v.shape[1:], np.asarray(v).dtype)]) for k, v in
-          batch.items()}, b
-
-
 def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per row of every batch: (sum of target log-probs, target count, real).
@@ -107,7 +91,7 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
     losses.check_batch(batch)
     batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
     real.append(batch['attention_mask_bt'].any(-1))
-    batch, n = _pad_rows(batch, _batch_axes_size(mesh))
+    batch, n = sharding.pad_rows(batch, sharding.batch_axes_size(mesh))
     # Host batches become global arrays (numpy into sharded in_shardings is
     # refused in multi-process runs).
     batch = sharding.put(batch, batch_sh)
@@ -317,7 +301,7 @@ def generation(params, cfg: ModelConfig, tokenizer, items, *,
     raise ValueError(f'contains_tokens={contains_tokens}: a token window '
                      'is only searched by match=contains')
   if mesh is not None:
-    b = _batch_axes_size(mesh)
+    b = sharding.batch_axes_size(mesh)
     batch_size = -(-batch_size // b) * b
   stop_ids = tuple(stop_ids) or (
       () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,))

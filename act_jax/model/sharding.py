@@ -42,6 +42,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('head_dim', None),
 )
 
+# Mesh axes that shard the batch ('batch' rule); a weight is gathered over
+# them where a matmul uses it.
+BATCH_AXES = ('data', 'fsdp')
 _ACTIVE: list[tuple[Mesh, tuple]] = []
 _REPORTED: set = set()
 _TRACKERS: list[list[dict[str, Any]]] = []
@@ -216,6 +219,25 @@ def put(x, target):
   return jax.tree.map(one, x, target)
 
 
+def batch_axes_size(mesh: Mesh) -> int:
+  """How many ways the mesh splits a batch (`data` x `fsdp`)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def pad_rows(batch: dict[str, Any], multiple: int
+             ) -> tuple[dict[str, np.ndarray], int]:
+  """`(batch with empty rows appended, real row count)`: B becomes a
+  multiple of `multiple` (all-zero rows: every mask zero), so a batch
+  divides over the batch axes."""
+  b = batch['tokens_bt'].shape[0]
+  extra = (-b) % multiple
+  if not extra:
+    return batch, b
+  return {k: np.concatenate([np.asarray(v), np.zeros(
+      (extra,) + np.shape(v)[1:], np.asarray(v).dtype)])
+          for k, v in batch.items()}, b
+
+
 def to_host(x) -> np.ndarray:
   """The value of a (possibly multi-process) array on this host.
 
@@ -241,9 +263,6 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
   finally:
     _ACTIVE.pop()
 
-
-# Mesh axes that shard the batch: a weight is gathered over them for use.
-BATCH_AXES = ('data', 'fsdp')
 
 
 def constrain_weight(w: jax.Array, logical: Sequence[str]) -> jax.Array:
