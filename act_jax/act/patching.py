@@ -109,12 +109,9 @@ def patched_sequence_scores(stacked, cfg: ModelConfig,
   hooks = sharding.put(hooks, hook_sh)
   pending, real = [], []
   for batch in batches:
-    batch = losses.as_loss_batch(batch)
-    losses.check_batch(batch)
-    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
-    real.append(batch['attention_mask_bt'].any(-1))
-    batch, n = sharding.pad_rows(batch, sharding.batch_axes_size(mesh))
-    pending.append((n, fn(stacked, sharding.put(batch, batch_sh), hooks)))
+    batch, n, rows = losses.place_rows(batch, mesh, batch_sh)
+    real.append(rows)
+    pending.append((n, fn(stacked, batch, hooks)))
   if not pending:
     raise ValueError('patched_sequence_scores: no batches')
   got = jax.device_get([out for _, out in pending])

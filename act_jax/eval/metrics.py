@@ -87,14 +87,8 @@ def sequence_scores(params, cfg: ModelConfig, batches, *, mesh=None
   params = sharding.put(params, param_sh)
   pending, real = [], []
   for batch in batches:
-    batch = losses.as_loss_batch(batch)
-    losses.check_batch(batch)
-    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
-    real.append(batch['attention_mask_bt'].any(-1))
-    batch, n = sharding.pad_rows(batch, sharding.batch_axes_size(mesh))
-    # Host batches become global arrays (numpy into sharded in_shardings is
-    # refused in multi-process runs).
-    batch = sharding.put(batch, batch_sh)
+    batch, n, rows = losses.place_rows(batch, mesh, batch_sh)
+    real.append(rows)
     pending.append((n, fn(params, batch)))
   if not pending:
     raise ValueError('no eval batches')

@@ -172,11 +172,6 @@ class Linear(nn.Module):
     # A 2-D dot: XLA's CPU backward of a dot contracting over two flattened
     # batch axes was ~1.7x slower than over one (benchmarks/README).
     x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    # Rows stay split over the batch axes and the contraction is local: left
-    # to itself, XLA's partitioner may instead contract over the weight's
-    # fsdp-split input axis and all-reduce the whole global batch's output
-    # (benchmarks/plan_7b.py: a [B*T, V] float32 logits buffer per device).
-    x_nd = sharding.constrain_activation(x_nd, ('batch', None))
     kernel = kernel.astype(self.dtype)
     for kind in ('cols', 'rows'):
       if self.has_variable('slices', f'delta_{kind}'):
@@ -187,7 +182,6 @@ class Linear(nn.Module):
         break
     else:
       y = _dot(x_nd, kernel)
-    y = sharding.constrain_activation(y, ('batch', self.axes[1]))
     y = y.reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
       bias = self.param(
@@ -443,9 +437,4 @@ class Decoder(nn.Module):
     else:
       logits = Linear(cfg.vocab_size, False, ('embed', 'vocab'), dt, pdt,
                       name='lm_head')(x_btd).astype(jnp.float32)
-    # Logits are the largest activation ([B, T, V] float32): kept sharded
-    # over the batch, or XLA may gather the global batch's onto every
-    # device (benchmarks/plan_7b.py measured 40-80 GB per device).
-    logits = sharding.constrain_activation(logits, ('batch', 'length',
-                                                    'vocab'))
     return logits, ys['stats'], new_cache

@@ -13,8 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from act_jax.model import forward
+from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 
 REQUIRED_KEYS = ('tokens_bt', 'attention_mask_bt', 'loss_mask_bt')
@@ -45,6 +47,23 @@ def check_batch(batch: dict[str, Any], where: str = 'batch') -> None:
     if tuple(batch[k].shape) != shape:
       raise ValueError(f'{where}: {k} has shape {tuple(batch[k].shape)}, '
                        f'tokens_bt has {shape}')
+
+
+def place_rows(batch: dict[str, Any], mesh, batch_sh
+               ) -> tuple[dict[str, jax.Array], int, np.ndarray]:
+  """A host loss batch made ready for a scoring program on `mesh`.
+
+  Checked, padded with empty rows so it divides the batch axes, and placed
+  as global arrays on `batch_sh` (numpy into sharded in_shardings is refused
+  in multi-process runs). Returns `(batch, real row count, [rows] flags:
+  any real token)`.
+  """
+  batch = as_loss_batch(batch)
+  check_batch(batch)
+  batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+  real = batch['attention_mask_bt'].any(-1)
+  batch, n = sharding.pad_rows(batch, sharding.batch_axes_size(mesh))
+  return sharding.put(batch, batch_sh), n, real
 
 
 def token_logprobs(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
