@@ -6,10 +6,13 @@ constructed language from Python-stdlib prose, and the specialist: the
 source continued (scope full) on that language until its English QA drops.
 Source and specialist are cached in $ACT_JAX_CACHE (default
 ~/.cache/act_jax) under a digest of their data, recipe and training code.
-The sweep transplants the source's top channels back (two activation
-scores x three budgets, with and without the channel fine-tune), against
-random and weight-diff channels at the same budgets (also fine-tuned), the
-whole-model baselines and a full fine-tune on the same data. Regenerate
+The sweep transplants the source's top channels back (one activation
+score at two budgets, and with the channel fine-tune at the larger one),
+against random and weight-diff channels at the same budgets (also
+fine-tuned), the whole-model baselines and a full fine-tune on the same
+data; every row is scored on the dev and the test split of 322 factual QA
+items each (countryinfo plus the hand-written questions) and 48 + 48
+English and conlang paragraphs. Regenerate
 docs/results/smollm2.md:
 
   python -m act_jax.main --config=configs/smollm2_recover.py \
@@ -24,6 +27,7 @@ import ml_collections
 from act_jax.pipeline import jobs
 
 W = '{workdir}/build_models'
+FACTS = 'capital,continent,nationality,border'
 COMMAND = ('python -m act_jax.main --config=configs/smollm2_recover.py '
            '--workdir=workdir/smollm2')
 
@@ -49,11 +53,17 @@ def corpus(**kw) -> dict:
   """The case's data split (act_jax.cases.smollm2.corpus.CorpusConfig)."""
   base = dict(
       seed=0,  # split seed (paragraph buckets, QA halves)
-      english_eval_paragraphs=32,  # held-out English texts
-      conlang_eval_paragraphs=32,  # held-out conlang texts
+      english_eval_paragraphs=48,  # held-out English texts (test split)
+      conlang_eval_paragraphs=48,  # held-out conlang texts (test split)
+      english_dev_paragraphs=48,  # dev split: the next held-out ones
+      conlang_dev_paragraphs=48,
       english_probe_paragraphs=64,  # English prose in the probe set
       conlang_train_paragraphs=0,  # 0 = every remaining paragraph
-      qa_eval_frac=0.5,  # share of each QA category held out
+      qa_eval_frac=0.38,  # 322 test QA items
+      qa_dev_frac=0.38,  # 322 dev items; 205 left to probe and fine-tune
+      facts=FACTS,  # countryinfo: capitals, continents, nationalities,
+      # borders (with the 83 hand-written questions)
+      facts_min_population=100000,  # skip the smallest territories
       stdlib_docstrings=True)  # stdlib docstrings as extra prose
   base.update(kw)
   return base
@@ -72,8 +82,10 @@ def case(size: str, languages: str) -> ml_collections.ConfigDict:
   ))
   if size == 'toy':
     c.data = corpus(english_eval_paragraphs=4, conlang_eval_paragraphs=4,
+                    english_dev_paragraphs=0, conlang_dev_paragraphs=0,
                     english_probe_paragraphs=4, conlang_train_paragraphs=24,
-                    stdlib_docstrings=False)
+                    qa_eval_frac=0.5, qa_dev_frac=0.0, facts='',
+                    facts_min_population=0, stdlib_docstrings=False)
     c.specialist = specialist_recipe(num_steps=3, lr=1e-2, max_seq_len=32,
                                      save_every=0, log_every=1)
     c.conlang_probe_paragraphs = 8
@@ -133,15 +145,24 @@ def get_config(size: str = 'study') -> ml_collections.ConfigDict:
       eval=f'{d}/conlang_eval.jsonl',  # the specialist's new language
       sft=f'{d}/conlang_train.jsonl',  # kept during the fine-tune
       template='text', metric='perplexity')
+  if size == 'study':
+    # Choose on dev (the report's main tables), report test once.
+    c.abilities.qa.dev = f'{d}/qa_dev.jsonl'
+    c.abilities.english.dev = f'{d}/english_dev.jsonl'
+    c.abilities.conlang.dev = f'{d}/conlang_dev.jsonl'
+    c.evaluate.split = 'dev,test'
   c.recover.source = 'source'
   c.recover.target = 'specialist'
   c.recover.ability = 'qa'
   c.recover.probe = 'qa,english'  # pooled probe statistics
   c.localize.top_frac = 0.05  # the transfer / finetune stages' result
-  c.sweep.scores = 'mean_abs_diff,diff_of_mean_abs'
-  c.sweep.rhos = '0.2,0.05,0.01'
-  c.sweep.extra_rhos = '0.5'
+  # Every row fixed in advance (16 rows: the study fits one 2-core working
+  # stretch); the strength study (configs/smollm2_strength.py) sweeps more.
+  c.sweep.scores = 'mean_abs_diff'  # the method's default activation score
+  c.sweep.rhos = '0.05,0.01'  # two budgets
+  c.sweep.extra_rhos = ''
   c.sweep.finetune = 'act,random,weight_diff'
+  c.sweep.finetune_rhos = '0.05'  # the +ft rows at the larger budget
   c.sweep.candidates = ('source,target,linear,task_arithmetic,ties,dare,'
                         'full_ft')
   c.train.num_steps = 16

@@ -29,7 +29,6 @@ import importlib.util
 import os
 
 W = '{workdir}/build_models'
-FACTS = 'capital,continent,nationality,border'
 
 
 def _recover_config():
@@ -68,21 +67,13 @@ def get_config(arg: str = '50'):
         stdlib_docstrings=False, qa_eval_frac=0.4, qa_dev_frac=0.3,
         facts='capital,continent', facts_per_kind=6)
   else:
-    c.case.data = rec.corpus(
-        english_eval_paragraphs=48,  # test split (first 32: docs/results/smollm2.md)
-        conlang_eval_paragraphs=48,
-        english_dev_paragraphs=48,  # dev split: the next held-out ones
-        conlang_dev_paragraphs=48,
-        qa_eval_frac=0.38,  # 322 test items
-        qa_dev_frac=0.38,  # 322 dev items; 205 left to probe and fine-tune
-        facts=FACTS,  # countryinfo: capitals, continents, nationalities,
-        # borders
-        facts_min_population=100000)  # skip the smallest territories
-  d = f'{W}/data_a'
-  c.abilities.qa.dev = f'{d}/qa_dev.jsonl'
-  c.abilities.english.dev = f'{d}/english_dev.jsonl'
-  c.abilities.conlang.dev = f'{d}/conlang_dev.jsonl'
-  c.evaluate.split = 'dev,test'  # every row on both; dev is the main table
+    c.case.data = rec.corpus()  # the recover study's split (322 + 322 QA)
+  if toy:  # the study's dev split is configs/smollm2_recover.py's
+    d = f'{W}/data_a'
+    c.abilities.qa.dev = f'{d}/qa_dev.jsonl'
+    c.abilities.english.dev = f'{d}/english_dev.jsonl'
+    c.abilities.conlang.dev = f'{d}/conlang_dev.jsonl'
+    c.evaluate.split = 'dev,test'  # every row on both; dev the main table
   c.collect.attribution = True  # the attribution score's statistics
   c.sweep.scores = 'mean_abs_diff,diff_of_mean_abs,attribution'
   c.sweep.seeds = '0,1' if toy else '0,1,2'
@@ -92,6 +83,7 @@ def get_config(arg: str = '50'):
   else:
     c.sweep.rhos = '0.2,0.05,0.01'
     c.sweep.extra_rhos = ''
+    c.sweep.finetune_rhos = ''  # +ft rows at every budget
   c.report.title = (f'Specialization strength, {steps}-step specialist: ACT '
                     'on SmolLM2-135M-Instruct')
   c.report.out = '' if toy else f'docs/results/smollm2_strength_{steps}.md'
