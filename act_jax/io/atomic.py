@@ -54,6 +54,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import uuid
 from typing import Any, Iterator, Sequence
@@ -130,35 +131,67 @@ def _within(inner: str, outer: str) -> bool:
   return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
+FILE_MARKER = '<!-- act-jax {kind}: written by act-jax, replaced only by it -->'
+
+
+def file_marker(kind: str) -> str:
+  """The first line of a single-file artifact (a published report): what
+  marks the file as act-jax's, where a directory has `.act-jax.json`."""
+  return FILE_MARKER.format(kind=kind)
+
+
+def _is_file_artifact(path: str, kind: str) -> bool:
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      return f.readline().rstrip('\n') == file_marker(kind)
+  except OSError:
+    return False
+
+
 def check_output(path: str, kind: str, *, overwrite: bool = False,
                  inputs: Sequence[str | None] = (),
-                 flag: str = '--out') -> str:
-  """Pre-flight of one output directory; returns its absolute path.
+                 flag: str = '--out', file: bool = False) -> str:
+  """Pre-flight of one output (a directory, or a single file with `file`);
+  returns its absolute path. The one output check every writer of a
+  user-named path goes through.
 
   Args:
-    path: the output directory.
-    kind: the artifact kind it will hold ('stats', 'params', ...).
+    path: the output directory (or file).
+    kind: the artifact kind it will hold ('stats', 'params', 'report', ...).
     overwrite: an existing act-jax artifact of `kind` may be replaced.
     inputs: the run's input files and directories (None entries skipped).
     flag: how errors name the output (`--out`, `--hf_out`, ...).
+    file: the output is one file, marked by its first line (`file_marker`).
 
   Raises:
-    OutputError: `path` is or contains one of `inputs` (even with
-      `overwrite`), or exists and `overwrite` is False, or exists and is not
-      an act-jax `kind` artifact.
+    OutputError: `path` is, contains or lies inside one of `inputs` (even
+      with `overwrite`), or exists and `overwrite` is False, or exists and
+      is not an act-jax `kind` artifact.
   """
   path = os.path.abspath(path)
   real = os.path.realpath(path)
   for p in inputs:
-    if p and _within(os.path.realpath(p), real):
-      how = 'is' if os.path.realpath(p) == real else 'contains'
+    if not p:
+      continue
+    rp = os.path.realpath(p)
+    if _within(rp, real) or _within(real, rp):
+      how = ('is' if rp == real else 'contains' if _within(rp, real) else
+             'lies inside')
       raise OutputError(f'{flag}={path} {how} an input of this run ({p}); '
                         'choose another output')
   if os.path.lexists(path):
     if not overwrite:
       raise OutputError(f'{flag}={path} already exists (pass --overwrite to '
                         f'replace an act-jax {kind} artifact)')
-    check_replaceable(path, kind, f'{flag}={path}')
+    if file:
+      if os.path.islink(path) or not os.path.isfile(path) or (
+          not _is_file_artifact(path, kind)):
+        raise OutputError(
+            f'{flag}={path} exists and is not an act-jax {kind} (its first '
+            f'line is not {file_marker(kind)!r}); refusing to replace it: '
+            'move it away or choose another output')
+    else:
+      check_replaceable(path, kind, f'{flag}={path}')
   return path
 
 
@@ -211,7 +244,7 @@ def hold_lock(lock_file: str, what: str,
     return
   os.makedirs(os.path.dirname(lock_file), exist_ok=True)
   while True:
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, created = _open_lock(lock_file, what)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -222,10 +255,10 @@ def hold_lock(lock_file: str, what: str,
           f'{what} is in use by another act-jax run (pid '
           f'{_holder(lock_file)}, lock {lock_file}); wait for it to finish '
           'or choose another output') from None
-    # The previous holder unlinks the file when it lets go: a lock taken on
-    # an unlinked file guards nothing, so take it again on the new file.
+    # The previous holder unlinks a lock file it created when it lets go: a
+    # lock taken on an unlinked file guards nothing, so take the new one.
     try:
-      same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+      same = os.fstat(fd).st_ino == os.lstat(lock_file).st_ino
     except FileNotFoundError:
       same = False
     if same:
@@ -240,9 +273,46 @@ def hold_lock(lock_file: str, what: str,
     _HELD[lock_file][1] -= 1
     if not _HELD[lock_file][1]:
       del _HELD[lock_file]
-      with contextlib.suppress(OSError):
-        os.unlink(lock_file)
+      # Only a lock file this process created is removed: a leftover of a
+      # killed run stays (its next holder reuses it), and nothing else is.
+      if created:
+        with contextlib.suppress(OSError):
+          os.unlink(lock_file)
       os.close(fd)
+
+
+def _open_lock(lock_file: str, what: str) -> tuple[int, bool]:
+  """`(fd, created)` of a lock file, never through a link: a new file
+  (O_EXCL), or an existing regular file holding nothing but a pid (a killed
+  run's leftover).
+
+  Raises:
+    OutputError when `lock_file` is a link, not a regular file, or holds
+    anything else.
+  """
+  flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
+  try:
+    return os.open(lock_file, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+  except FileExistsError:
+    pass
+  bad = (f'lock file {lock_file} (of {what}) exists and is not an act-jax '
+         'lock')
+  try:
+    fd = os.open(lock_file, flags)
+  except FileNotFoundError:  # its holder let go between the two opens
+    return _open_lock(lock_file, what)
+  except OSError as e:
+    if e.errno == errno_lib.ELOOP:
+      raise OutputError(f'{bad} (a symbolic link); refusing to follow it: '
+                        'remove it') from None
+    raise
+  st = os.fstat(fd)
+  head = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b'x'
+  if not stat.S_ISREG(st.st_mode) or not re.fullmatch(rb'(\d+\n)?', head):
+    os.close(fd)
+    raise OutputError(f'{bad} (it holds other content); refusing to touch '
+                      'it: move it away')
+  return fd, False
 
 
 def output_lock(path: str) -> contextlib.AbstractContextManager:

@@ -26,12 +26,13 @@ differs; `InputChangedError` is what resumable steps raise then.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from absl import logging
 
@@ -236,3 +237,52 @@ def first_change(recorded: Mapping[str, Any], now: Mapping[str, Any]
         return os.path.join(name, f)
     return name
   return None
+
+
+# ---------------------------------------------------- reads against the key
+
+
+class UndeclaredReadError(RuntimeError):
+  """A pipeline stage read a data file its drift key does not fingerprint."""
+
+
+_DECLARED: list[tuple[str, tuple[str, ...], str]] = []  # (stage, reals, root)
+
+
+@contextlib.contextmanager
+def declared_reads(stage: str, paths: Iterable[str], workdir: str
+                   ) -> Iterator[None]:
+  """While a stage runs: every data file it opens (`note_read`) must be one
+  of `paths` (its drift key's inputs, or inside one of them) or lie inside
+  `workdir` (the stage chain's artifacts, keyed through upstream digests).
+  So a file a stage reads can never be missing from its fingerprint: the
+  drift key is checked against what the stage actually opens."""
+  reals = tuple(os.path.realpath(p) for p in paths if p)
+  _DECLARED.append((stage, reals, os.path.realpath(workdir)))
+  try:
+    yield
+  finally:
+    _DECLARED.pop()
+
+
+def _inside(inner: str, outer: str) -> bool:
+  return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def note_read(path: str) -> None:
+  """Called by every data reader before it opens `path`.
+
+  Raises:
+    UndeclaredReadError naming the stage and the file, inside a stage whose
+    declared inputs (`declared_reads`) do not cover `path`.
+  """
+  if not _DECLARED or not os.path.exists(path):
+    return  # outside a stage, or a Hub name (its id is in the key)
+  stage, reals, root = _DECLARED[-1]
+  real = os.path.realpath(path)
+  if _inside(real, root) or any(_inside(real, r) for r in reals):
+    return
+  raise UndeclaredReadError(
+      f'stage {stage!r} read {path}, which its drift key does not '
+      'fingerprint (a changed file would be silently reused); add it to the '
+      "stage's paths in pipeline/stages.py")

@@ -28,7 +28,6 @@ may replace.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -44,12 +43,14 @@ from act_jax.act import localize
 from act_jax.act import masks as masks_lib
 from act_jax.act import transfer
 from act_jax.eval import metrics as eval_metrics
+from act_jax.io import atomic
 from act_jax.io import models as models_io
 from act_jax.model import capture
 from act_jax.model import forward
 from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
 from act_jax.pipeline import jobs as jobs_lib
+from act_jax.pipeline import report as report_lib
 from act_jax.train import finetune
 
 ACTIVATION_SCORES = tuple(s for s in localize.SCORES
@@ -378,36 +379,27 @@ def check_mesh(plan: jobs_lib.Plan) -> jax.sharding.Mesh:
   return sharding.make_mesh(sizes)
 
 
-def _first_record(path: str) -> dict:
-  """The first record of a JSONL file."""
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, start=1):
-      if line.strip():
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise PreflightError(f'{path}: line {n} is not JSON ({e.msg})'
-                               ) from None
-        if not isinstance(rec, dict):
-          raise PreflightError(f'{path}: line {n} is not a JSON object')
-        return rec
-  raise PreflightError(f'{path}: the data file is empty (no records)')
+# Pre-flight reads every record of a data file up to this size (and the
+# first SCAN_RECORDS records of a larger file or another kind of source), so
+# a bad record fails before any heavy work rather than after the fine-tune.
+SCAN_BYTES = 64 << 20
+SCAN_RECORDS = 10000
 
 
-def _first_of(path: str) -> dict:
-  """The first record of a data source: read directly from a JSONL file,
-  else through `data.load_records` (other file types, `save_to_disk`
-  directories, Hub data set names)."""
-  if os.path.isfile(path) and path.endswith('.jsonl'):
-    return _first_record(path)
+def _scanned(path: str) -> list[dict]:
+  """The records pre-flight checks: all of a JSON/JSONL file up to
+  SCAN_BYTES, else the first SCAN_RECORDS (via `data.load_records`)."""
+  whole = (os.path.isfile(path) and path.lower().endswith(('.jsonl', '.json'))
+           and os.path.getsize(path) <= SCAN_BYTES)
   try:
-    return data.load_records(path, limit=1)[0]
+    return data.load_records(path, limit=0 if whole else SCAN_RECORDS)
   except data.DataError as e:
     raise PreflightError(str(e)) from None
 
 
 def check_data(plan: jobs_lib.Plan) -> None:
-  """Every data source exists; its first record has the fields it needs."""
+  """Every data source exists and is readable, and every record pre-flight
+  scans (`_scanned`) has the fields its rendering needs, as strings."""
   for name, a in plan.abilities.items():
     for use in ('probe', 'eval', 'dev', 'sft'):
       path = getattr(a, use)
@@ -418,15 +410,15 @@ def check_data(plan: jobs_lib.Plan) -> None:
           os.path.splitext(path)[1].lower() in data.FILE_TYPES):
         raise PreflightError(f'config.abilities.{name}.{use}: no such file '
                              f'{path}')
-      rec = _first_of(path)
-      need = data.required_fields(a.template, a.text_field, a.prompt_field,
-                                  a.response_field)
-      missing = [f for f in need if f not in rec]
-      if missing:
-        raise PreflightError(
-            f'{path} (abilities.{name}.{use}): the first record has no field '
-            f'{missing[0]!r} (template {a.template}); it has '
-            f'{sorted(rec)}')
+      cfg = data.DataConfig(
+          path=path, template=a.template, text_field=a.text_field,
+          prompt_field=a.prompt_field, response_field=a.response_field,
+          qa_format=a.qa_format)
+      try:
+        data.check_fields(_scanned(path), cfg,
+                          f'{path} (abilities.{name}.{use})')
+      except data.DataError as e:
+        raise PreflightError(str(e)) from None
 
 
 # ------------------------------------------------------- outputs and space
@@ -509,7 +501,7 @@ def check_workdir(plan: jobs_lib.Plan, workdir: str,
   paths = [(f'models.{n}', p) for n, p in plan.models.items()]
   for name, a in plan.abilities.items():
     paths += [(f'abilities.{name}.{u}', getattr(a, u))
-              for u in ('probe', 'eval', 'sft') if getattr(a, u)]
+              for u in ('probe', 'eval', 'dev', 'sft') if getattr(a, u)]
   for stage in stage_names:
     if stage == 'build_models':
       continue
@@ -521,3 +513,9 @@ def check_workdir(plan: jobs_lib.Plan, workdir: str,
             f'--config.{field}={p} lies inside the stage folder {folder}, '
             'which a rerun replaces; keep inputs outside the workdir')
   check_output_space(workdir, workdir_bytes(plan, cfgs or {}), '--workdir')
+  if plan.report.out:
+    try:
+      report_lib.check_publish(plan.report.out, plan.overwrite,
+                               [p for _, p in paths], workdir)
+    except atomic.OutputError as e:
+      raise PreflightError(str(e)) from None

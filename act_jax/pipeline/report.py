@@ -22,6 +22,7 @@ activation patching (the patch stage) gets its own tables.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from typing import Any
@@ -270,6 +271,25 @@ def _scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
 # ----------------------------------------------------------------- report
 
 
+def _version(v: dict[str, Any]) -> str:
+  c = v.get('commit')
+  return (f'commit {c[:12]}' + (' with uncommitted changes' if v.get('dirty')
+                                else '')) if c else f'act-jax {v["act_jax"]}'
+
+
+def code_line(markers: dict[str, dict]) -> str:
+  """Which code made the run: the stages' recorded versions (COMPLETE.json)
+  and the report's own."""
+  ran = {}
+  for name, m in markers.items():
+    if m.get('code_version'):
+      ran.setdefault(_version(m['code_version']), []).append(name)
+  now = _version(runner.code_version())
+  stages = ('; '.join(f'{v} ({", ".join(n)})' for v, n in ran.items()) or
+            'an act-jax that did not record its commit')
+  return f'Code: the report by {now}; the stages by {stages}.'
+
+
 def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
   """Writes report.md, results.json and plots; returns a small summary."""
   rc = plan.report
@@ -287,7 +307,7 @@ def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
             f'{rc.confidence:.0%} paired bootstrap over the same eval items '
             f'({rc.bootstrap} resamples); a verdict is read from the '
             'interval of the difference, never from the bare difference.',
-            '', '## Setup', '']
+            '', code_line(markers), '', '## Setup', '']
   lines += _setup(plan)
   build = markers.get('build_models', {}).get('summary', {})
   if build.get('scores'):
@@ -471,17 +491,57 @@ def _file(a: jobs_lib.Ability, split: str) -> str:
   return a.dev if split == 'dev' else a.eval
 
 
-def publish(out_dir: str, dest: str) -> str:
+def publish(out_dir: str, dest: str, overwrite: bool = False,
+            inputs: list[str] | None = None, workdir: str = '') -> str:
   """Copies report.md to `dest` and its plots to `<dest stem>/`, with the
-  image links rewritten to that folder."""
+  image links rewritten to that folder.
+
+  `dest` goes through the one output check (`atomic.check_output`): it is
+  never a model or data file of the run (`inputs`) nor inside one; an
+  existing `dest` is replaced only when it is an act-jax report (its first
+  line is `atomic.file_marker('report')`) published from this `workdir`, or
+  from another one with `overwrite`; the plot folder only when it is an
+  act-jax `report_plots` folder (or absent).
+
+  Raises:
+    atomic.OutputError naming `report.out` and what is in the way.
+  """
+  check_publish(dest, overwrite, inputs or [], workdir)
   stem = os.path.splitext(os.path.basename(dest))[0]
   dest_dir = os.path.dirname(os.path.abspath(dest))
   with open(os.path.join(out_dir, 'report.md'), encoding='utf-8') as f:
     text = f.read()
   pngs = sorted(p for p in os.listdir(out_dir) if p.endswith('.png'))
   if pngs:
-    os.makedirs(os.path.join(dest_dir, stem), exist_ok=True)
+    with atomic.atomic_dir(os.path.join(dest_dir, stem), overwrite=True,
+                           collective=False, kind='report_plots') as tmp:
+      for p in pngs:
+        shutil.copyfile(os.path.join(out_dir, p), os.path.join(tmp, p))
   for p in pngs:
-    shutil.copyfile(os.path.join(out_dir, p), os.path.join(dest_dir, stem, p))
     text = text.replace(f']({p})', f']({stem}/{p})')
-  return atomic.write_text(dest, text)
+  head = atomic.file_marker('report')
+  return atomic.write_text(dest, f'{head}\n<!-- {_owner(workdir)} -->\n'
+                           + text)
+
+
+def _owner(workdir: str) -> str:
+  """Which workdir published a report (a digest: no path in the doc)."""
+  digest = hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()
+  return f'workdir {digest[:12]}'
+
+
+def check_publish(dest: str, overwrite: bool, inputs: list[str],
+                  workdir: str) -> None:
+  """Pre-flight of `report.out` (see `publish`); raises atomic.OutputError."""
+  flag = '--config.report.out'
+  mine = False
+  if os.path.isfile(dest) and not os.path.islink(dest):
+    with open(dest, encoding='utf-8', errors='replace') as f:
+      mine = (f.readline().rstrip('\n') == atomic.file_marker('report') and
+              f.readline().strip() == f'<!-- {_owner(workdir)} -->')
+  atomic.check_output(dest, 'report', overwrite=overwrite or mine,
+                      inputs=inputs, flag=flag, file=True)
+  stem = os.path.splitext(os.path.basename(dest))[0]
+  plots_dir = os.path.join(os.path.dirname(os.path.abspath(dest)), stem)
+  atomic.check_output(plots_dir, 'report_plots', overwrite=True,
+                      inputs=inputs, flag=f'{flag} (its plot folder)')

@@ -42,6 +42,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 
+import act_jax
 from act_jax import distributed
 from act_jax.io import atomic
 from act_jax.io import inputs as inputs_lib
@@ -95,6 +97,9 @@ class Stage:
   paths: tuple[str, ...] = ()  # model dirs / data files it reads (content)
   follow_symlinks: bool = False  # model dirs may link outside themselves
   mesh: Any = None  # the device mesh it runs on (sharding.describe)
+  # Derived from the workdir alone and cheap (report, export): a changed
+  # key recomputes it without `overwrite` instead of refusing the rerun.
+  rederive: bool = False
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -130,6 +135,25 @@ def code_digest(paths: Sequence[str]) -> str:
     with open(f, 'rb') as fh:
       h.update(os.path.relpath(f, _PACKAGE).encode() + b'\0' + fh.read())
   return h.hexdigest()[:16]
+
+
+def code_version() -> dict[str, Any]:
+  """The act-jax version, and the git commit of its checkout when it runs
+  from one (`dirty`: act_jax/ or configs/ differ from that commit)."""
+  out: dict[str, Any] = {'act_jax': act_jax.__version__}
+  root = os.path.dirname(_PACKAGE)
+  if not os.path.exists(os.path.join(root, '.git')):
+    return out
+  try:
+    git = lambda *a: subprocess.run(  # pylint: disable=g-long-lambda
+        ('git', '-C', root) + a, capture_output=True, text=True, timeout=20,
+        check=True).stdout.strip()
+    out['commit'] = git('rev-parse', 'HEAD')
+    out['dirty'] = bool(git('status', '--porcelain', '--untracked-files=no',
+                            '--', 'act_jax', 'configs'))
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -174,14 +198,44 @@ def drift_key(stage: Stage, workdir: str | None = None) -> dict[str, Any]:
           'upstream': upstream}
 
 
+def config_changes(old: Any, new: Any, where: str = '', limit: int = 8
+                   ) -> list[str]:
+  """The changed leaves of two config snapshots, `field: old -> new`
+  (at most `limit`, then how many more)."""
+  out: list[str] = []
+
+  def walk(a, b, path):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b), key=str):
+        walk(a.get(k, '<unset>'), b.get(k, '<unset>'),
+             f'{path}.{k}' if path else str(k))
+    elif (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+          and any(isinstance(x, (dict, list)) for x in a)):
+      for i, (x, y) in enumerate(zip(a, b)):
+        walk(x, y, f'{path}[{i}]')
+    elif a != b:
+      out.append(f'{path or "config"}: {a!r} -> {b!r}')
+
+  if (isinstance(old, list) and isinstance(new, list) and
+      len(old) == len(new) and not where):
+    # A stage snapshot is a list of config sections: name fields, not parts.
+    for a, b in zip(old, new):
+      walk(a, b, '')
+  else:
+    walk(old, new, where)
+  if len(out) > limit:
+    out = out[:limit] + [f'... {len(out) - limit} more']
+  return out
+
+
 def key_change(recorded: dict[str, Any], now: dict[str, Any]
                ) -> tuple[str, str] | None:
   """`(what, detail)` of the first difference between two drift keys:
   ('config' | 'code' | 'input' | 'upstream', ...), or None."""
   if recorded.get('config') is not None and recorded['config'] != now[
       'config']:
-    return 'config', (f'recorded: {recorded["config"]}\n now: '
-                      f'{now["config"]}')
+    return 'config', ', '.join(config_changes(recorded['config'],
+                                              now['config']))
   if recorded.get('code') and now['code'] and recorded['code'] != now['code']:
     return 'code', f'code digest {recorded["code"]}, now {now["code"]}'
   changed = inputs_lib.first_change(recorded.get('inputs', {}),
@@ -245,7 +299,7 @@ def _drift_error(stage: Stage, where: str, change: tuple[str, str],
                       f'(recomputed since); {fix}')
   if what == 'code':
     return StageError(f'{done} by other act-jax code ({detail}); {fix}')
-  return StageError(f'{done} with a different config; {fix}.\n {detail}')
+  return StageError(f'{done} with a different config ({detail}); {fix}')
 
 
 def rss_mb() -> float:
@@ -290,7 +344,9 @@ def _prepare_partial(stage: Stage, workdir: str, key: dict[str, Any],
   if os.path.isdir(partial) and not restart:
     if os.path.isfile(started):
       change = key_change(atomic.read_json(started), key)
-      if change:
+      if change and stage.rederive:
+        restart = True  # nothing worth resuming: derive it again
+      elif change:
         raise _drift_error(stage, partial, change, interrupted=True)
     elif os.listdir(partial):
       raise StageError(
@@ -319,7 +375,8 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
   partial = _prepare_partial(stage, workdir, key, restart)
   distributed.barrier(f'stage_start:{stage.name}')
   t0 = time.time()
-  with peak_rss() as peak, atomic.failpoint_scope(stage.name):
+  with peak_rss() as peak, atomic.failpoint_scope(stage.name), (
+      inputs_lib.declared_reads(stage.name, stage.paths, workdir)):
     summary = stage.run(StageContext(workdir, stage.name, partial))
   record = {
       'stage': stage.name,
@@ -327,6 +384,7 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
       'wall_s': round(time.time() - t0, 2),
       'peak_rss_mb': round(peak[0], 1),
       'mesh': stage.mesh,
+      'code_version': code_version(),
       **key,
       'summary': summary if summary is not None else {},
   }
@@ -353,7 +411,7 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
 
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` with its marker, or checks an existing one is an
-  act-jax workdir (marker, or the stage folders of an older act-jax).
+  act-jax workdir (by its marker, nothing else).
 
   Raises:
     StageError naming `workdir` when it holds anything else.
@@ -372,11 +430,10 @@ def prepare_workdir(workdir: str) -> None:
                        'choose another folder')
     distributed.barrier(f'workdir:{workdir}')
     return
-  entries = [e for e in (os.listdir(workdir) if os.path.isdir(workdir)
-                          else []) if e != LOCK]
-  legacy = any(os.path.isfile(os.path.join(workdir, e, MARKER)) or
-               e.endswith('.partial') for e in entries)
-  if entries and not legacy:
+  # An act-jax workdir is recognized by its marker only: stage-like names
+  # (`*.partial`, a COMPLETE.json) in a user's folder prove nothing, and a
+  # lone `.lock` is not act-jax's unless the marker is there too.
+  if os.path.isdir(workdir) and os.listdir(workdir):
     raise StageError(
         f'--workdir={workdir} holds files and is not an act-jax workdir (no '
         f'{atomic.MARKER}); choose a new or empty folder')
@@ -424,11 +481,12 @@ def run_stages(stages: Sequence[Stage], workdir: str,
                        stage_dir(workdir, stage.name))
           records[stage.name] = read_marker(workdir, stage.name)
           continue
-        if not overwrite:
+        if not (overwrite or stage.rederive):
           raise _drift_error(stage, stage_dir(workdir, stage.name), change,
                              interrupted=False)
-        logging.info('stage %s: its %s changed; recomputing (overwrite)',
-                     stage.name, change[0])
+        logging.info('stage %s: its %s changed; recomputing (%s)',
+                     stage.name, change[0],
+                     'overwrite' if overwrite else 'derived stage')
       elif os.path.lexists(stage_dir(workdir, stage.name)):
         raise StageError(
             f'{stage_dir(workdir, stage.name)} exists but no stage completed '

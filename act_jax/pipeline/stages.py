@@ -98,7 +98,13 @@ CODE = {
     'evaluate': ('act', 'train', 'eval', 'pipeline/candidates.py') + _CORE,
     'export': ('act', 'pipeline/candidates.py', 'pipeline/export.py') + _CORE,
     'patch': ('act', 'pipeline/candidates.py') + _CORE,
+    'report': ('pipeline/report.py', 'pipeline/intervals.py',
+               'pipeline/plots.py', 'pipeline/patch_report.py',
+               'pipeline/stages.py', 'io'),
 }
+# What an ability's evaluation reads: every split the plan scores, and the
+# SFT data its fine-tuned rows train on.
+EVAL_USES = ('eval', 'dev')
 
 
 def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
@@ -130,6 +136,7 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
                  if getattr(plan.abilities[a], use))
 
   evaluated = tuple(a for j in plan.jobs for a in j.abilities)
+  eval_files = tuple(p for use in EVAL_USES for p in files(use, evaluated))
   out.append(S('convert', lambda ctx: convert(plan.convert, models, ctx,
                                               mesh),
                inputs=pre, snapshot=snap(plan.convert, models),
@@ -160,8 +167,7 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
                                plan.transfer, plan.baselines, plan.train,
                                plan.sft, plan.abilities, plan.jobs),
                  code=CODE['evaluate'],
-                 paths=files('eval', evaluated) + files('sft',
-                                                        plan.abilities)))
+                 paths=eval_files + files('sft', plan.abilities)))
   patched = ()
   if plan.sweep.patch and any(j.kind == 'recover' for j in plan.jobs):
     patched = ('patch',)
@@ -169,10 +175,17 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
                  inputs=('convert', 'localize'),
                  snapshot=snap(plan.evaluate, plan.sweep, plan.localize,
                                plan.abilities, plan.jobs),
-                 code=CODE['patch'], paths=files('eval', evaluated)))
+                 code=CODE['patch'], paths=eval_files))
+  # The report and the export are derived from the workdir alone and cheap:
+  # a changed report config or report code recomputes them (`rederive`)
+  # instead of refusing the rerun.
   out.append(S('report', lambda ctx: report(plan, ctx),
                inputs=(('localize',) if plan.modes == ('analyze',) else
-                       ('localize', 'evaluate')) + patched))
+                       ('localize', 'evaluate')) + patched,
+               snapshot=snap(plan.report, plan.models, plan.abilities,
+                             plan.jobs, plan.localize, plan.sweep,
+                             plan.train, plan.sft, plan.evaluate),
+               code=CODE['report'], rederive=True))
   if plan.modes != ('analyze',):
     out.append(S('export', lambda ctx: export_lib.export_results(
         plan, ctx.workdir, ctx.out_dir, ctx.sub_done, mesh),
@@ -183,7 +196,7 @@ def make_stages(plan: jobs_lib.Plan, mesh: jax.sharding.Mesh | None = None
                                plan.jobs, {'bootstrap': plan.report.bootstrap,
                                            'confidence':
                                                plan.report.confidence}),
-                 code=CODE['export']))
+                 code=CODE['export'], rederive=True))
   logging.info('stages: %s', ', '.join(s.name for s in out))
   return out
 
@@ -833,6 +846,14 @@ def patch(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   return out
 
 
+def report_inputs(plan: jobs_lib.Plan) -> list[str]:
+  """What `report.out` may never be, contain or lie inside: every model
+  and data file the plan names."""
+  return list(plan.models.values()) + [
+      getattr(a, u) for a in plan.abilities.values()
+      for u in ('probe', 'eval', 'dev', 'sft') if getattr(a, u)]
+
+
 def report(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
   """report.md, plots and results.json; copied to the workdir root (and to
   `report.out` when set)."""
@@ -843,6 +864,7 @@ def report(plan: jobs_lib.Plan, ctx: Ctx) -> dict:
     with open(os.path.join(ctx.out_dir, name), encoding='utf-8') as f:
       atomic.write_text(os.path.join(ctx.workdir, name), f.read())
   if plan.report.out:
-    report_lib.publish(ctx.out_dir, plan.report.out)
+    report_lib.publish(ctx.out_dir, plan.report.out, plan.overwrite,
+                       report_inputs(plan), ctx.workdir)
   return info
 
