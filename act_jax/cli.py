@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 import sys
 import textwrap
 import traceback
@@ -57,7 +58,8 @@ USER_ERRORS = (
 )
 
 
-def _one_line(message: Any) -> str:
+def one_line(message: Any) -> str:
+  """`message` on one line (its lines joined by '; ')."""
   return '; '.join(s.strip() for s in str(message).splitlines() if s.strip())
 
 
@@ -71,7 +73,7 @@ def _exit(status: int) -> None:
 
 def fail(message: str) -> None:
   """Prints `error: <message>` on one line to stderr and exits with 2."""
-  print(f'error: {_one_line(message)}', file=sys.stderr)
+  print(f'error: {one_line(message)}', file=sys.stderr)
   _exit(2)
 
 
@@ -79,10 +81,19 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)` with one-line errors (see module docstring)."""
 
   def parse(argv):
+    if any(a in ('--help', '-h', '--helpshort', '-?') for a in argv[1:]):
+      # absl's --help exits 1; help that was asked for is a success.
+      print(flags.FLAGS.main_module_help() or flags.FLAGS.get_help())
+      _exit(0)
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
       fail(f'{e} (see --help)')
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      # ml_collections' config_flags parse --config.<path>=v overrides here:
+      # a typo'd field is a KeyError / AttributeError with its own
+      # 'Did you mean ...' line.
+      fail(_override_error(argv, e))
 
   def wrapped(argv):
     try:
@@ -96,11 +107,27 @@ def run(main: Callable[[list[str]], Any]) -> None:
       if cause:
         fail(f'a write failed: {cause}')
       traceback.print_exc()
-      print(f'error: {type(e).__name__}: {_one_line(e)[:500]}',
+      print(f'error: {type(e).__name__}: {one_line(e)[:500]}',
             file=sys.stderr)
       _exit(1)
 
   app.run(wrapped, flags_parser=parse)
+
+
+def _override_error(argv: list[str], e: Exception) -> str:
+  """One line for a bad `--config.<path>=value` override: the flag, the
+  closest valid field (ml_collections' own suggestion) and where to look."""
+  text = str(e.args[0] if e.args else e).replace('\\n', '\n')
+  bad = re.match(r"\W*'?([^'\n\\]+)", text)
+  bad = bad.group(1) if bad else ''
+  arg = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')
+              and bad and bad in a.split('=', 1)[0].split('.')), '--config')
+  near = re.search(r'Did you mean "([^"]+)"', text)
+  if isinstance(e, (KeyError, AttributeError)):
+    hint = f'; did you mean {near.group(1)!r}?' if near else ''
+    return (f'{arg}: no config field {bad!r}{hint} (--help_config lists '
+            'every field)')
+  return f'{arg}: a bad value ({one_line(text)[:300]})'
 
 
 def define_output_flags(restart: bool = False) -> None:
@@ -133,10 +160,54 @@ def field_help(cls) -> dict[str, str]:
     for node in ast.walk(ast.parse(src)):
       if isinstance(node, ast.AnnAssign) and isinstance(node.target,
                                                         ast.Name):
-        line = lines[node.end_lineno - 1]
-        if '#' in line:
-          out[node.target.id] = line.split('#', 1)[1].strip()
+        text = _comment_at(lines, node.end_lineno - 1)
+        if text:
+          out[node.target.id] = text
   return out
+
+
+def _comment_at(lines: list[str], i: int) -> str:
+  """The trailing comment of line `i` with the comment-only lines that
+  continue it (a help text wrapped over several lines)."""
+  if '#' not in lines[i]:
+    return ''
+  parts = [lines[i].split('#', 1)[1].strip()]
+  for line in lines[i + 1:]:
+    if not line.strip().startswith('#'):
+      break
+    parts.append(line.strip()[1:].strip())
+  return ' '.join(parts)
+
+
+def config_help() -> str:
+  """Every field of `act_jax.main`'s config, `--config.<path> (default):
+  help`, from the schema's own comments (`--help_config`)."""
+  src = inspect.getsource(jobs).splitlines()
+  out = ['Config fields (override as --config.<field>=value):']
+
+  def literal_help(name):  # 'name': value,  # help (TOP_FIELDS, recover, ..)
+    for i, line in enumerate(src):
+      if line.strip().startswith((f"'{name}':", f'{name}=')):
+        return _comment_at(src, i)
+    return ''
+
+  c = jobs.default_config()
+  for name in jobs.TOP_FIELDS:
+    out.append(f'  --config.{name} ({c[name]!r}): {literal_help(name)}')
+  for sec in ('recover', 'merge'):
+    for name in c[sec]:
+      out.append(f'  --config.{sec}.{name} ({c[sec][name]!r}): '
+                 f'{literal_help(name)}')
+  sections = dict(jobs.SECTIONS, **{'abilities.<name>': jobs.AbilityConfig})
+  for sec, cls in sections.items():
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+      out.append(f'  --config.{sec}.{f.name} ({f.default!r}): '
+                 f'{helps.get(f.name, "")}')
+  out += ['  --config.models.<name>: a model (HF dir, params dir or Hub id)',
+          '  --config.case.name: a case builder (act_jax/cases/<name>); its '
+          'fields are documented in that module']
+  return '\n'.join(out)
 
 
 def define_section_flags(cls, only: tuple[str, ...] | None = None,

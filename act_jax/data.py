@@ -28,6 +28,7 @@ Rows are right-padded; a final partial batch is filled with empty rows
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -37,6 +38,7 @@ import jinja2
 import numpy as np
 
 from act_jax.io import atomic
+from act_jax.io import inputs as inputs_lib
 
 
 OVERFLOWS = ('truncate', 'chunk', 'error')
@@ -173,6 +175,7 @@ def load_records(path: str, split: str = 'train',
   """
   # JSON files are read as written, without importing `datasets` (seconds).
   records = None
+  inputs_lib.note_read(path)
   if os.path.isfile(path) and path.lower().endswith('.jsonl'):
     records = read_jsonl(path)
   elif os.path.isfile(path) and path.lower().endswith('.json'):
@@ -215,16 +218,40 @@ def load_records(path: str, split: str = 'train',
   return records
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
+# The most bytes one JSONL record (line) may hold: a record is tokenized
+# whole before truncation, so one huge line would take tens of GB (a 60 MB
+# prompt was killed by the kernel at 19 GB); checked while reading.
+MAX_RECORD_BYTES = 8 << 20
+
+
+def read_jsonl(path: str, max_record_bytes: int = MAX_RECORD_BYTES
+               ) -> list[dict[str, Any]]:
   """The records of a JSONL file, exactly as written (no type coercion).
 
   Raises:
-    DataError naming the file and line of a record that is not a JSON
-    object, or an empty file.
+    DataError naming the file and (1-based) line of a record that is not
+    UTF-8 (with its byte offset), not a JSON object, or over
+    `max_record_bytes`; or an empty file.
   """
+  inputs_lib.note_read(path)
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, start=1):
+  offset = 0
+  with open(path, 'rb') as f:
+    for n in itertools.count(1):
+      raw = f.readline(max_record_bytes + 1)
+      if not raw:
+        break
+      if len(raw) > max_record_bytes and not raw.endswith(b'\n'):
+        raise DataError(f'{path}: line {n} is over {max_record_bytes} bytes '
+                        f'(data.MAX_RECORD_BYTES); split or shorten the '
+                        'record')
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise DataError(f'{path}: line {n} is not UTF-8 (byte offset '
+                        f'{offset + e.start}); re-encode the file as UTF-8'
+                        ) from None
+      offset += len(raw)
       if not line.strip():
         continue
       try:
@@ -259,7 +286,7 @@ def _json_records(path: str) -> list[dict[str, Any]] | None:
     return None
   for i, rec in enumerate(obj):
     if not isinstance(rec, dict):
-      raise DataError(f'{path}: record {i} is not a JSON object')
+      raise DataError(f'{path}: record {i + 1} is not a JSON object')
   if not obj:
     raise DataError(f'{path}: the data file is empty (no records)')
   return obj
@@ -293,15 +320,23 @@ def check_fields(records: Sequence[dict[str, Any]], cfg: DataConfig,
       check_qa_format(cfg.qa_format)
   except TemplateError as e:
     raise DataError(f'{source}: {e}') from e
-  for i, rec in enumerate(records):
+  for i, rec in enumerate(records, start=1):  # 1-based, like line numbers
     for f in fields:
-      if f not in rec or rec[f] is None:
+      value = rec.get(f)
+      if value is None:
         # Readers that unify a schema (datasets' json / parquet) give a
         # record the fields of the others, as None: those it lacks.
         have = sorted(k for k, v in rec.items() if v is not None)
+        how = 'field {!r} is null'.format(f) if f in rec else (
+            f'has no field {f!r}')
         raise DataError(
-            f'{source}: record {i} has no field {f!r} (needed by template '
+            f'{source}: record {i} {how} (needed by template '
             f'{cfg.template!r}); that record has the fields {have}')
+      if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(
+            f'{source}: record {i}: field {f!r} is a '
+            f'{type(value).__name__}, expected a string (template '
+            f'{cfg.template!r})')
 
 
 def encode_record(record: dict[str, Any], tokenizer: Any, cfg: DataConfig
@@ -362,7 +397,7 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
     try:
       ids, resp, _, _ = encode_record(records[i], tokenizer, cfg)
     except TemplateError as e:
-      raise DataError(f'{source}: record {i}: {e}') from e
+      raise DataError(f'{source}: record {i + 1}: {e}') from e
     if cfg.add_eos and tokenizer.eos_token_id is not None:
       ids.append(tokenizer.eos_token_id)
       resp.append(1)
@@ -370,7 +405,7 @@ def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any,
     t = cfg.max_seq_len
     if len(ids) > t and cfg.overflow == 'error':
       raise DataError(
-          f'{source}: record {i} has {len(ids)} tokens > max_seq_len={t} '
+          f'{source}: record {i + 1} has {len(ids)} tokens > max_seq_len={t} '
           '(use overflow=truncate or chunk, or a longer max_seq_len)')
     if len(ids) > t and cfg.overflow == 'chunk':
       # Long plain text is cut into rows of T tokens (a 1-token piece has no
@@ -537,12 +572,12 @@ def generation_items(records: Sequence[dict[str, Any]], tokenizer: Any,
     try:
       ids, _, plen, prompt = encode_record(rec, tokenizer, cfg)
     except TemplateError as e:
-      raise DataError(f'{source}: record {i}: {e}') from e
+      raise DataError(f'{source}: record {i + 1}: {e}') from e
     answers = rec.get(answers_field)
     if not isinstance(answers, (list, tuple)) or not answers:
       answers = [rec[cfg.response_field]]
     if not plen:
-      raise DataError(f'{source}: record {i}: the rendered prompt is empty')
+      raise DataError(f'{source}: record {i + 1}: the rendered prompt is empty')
     items.append({'prompt': prompt, 'prompt_ids': ids[:plen],
                   'answers': [str(a) for a in answers]})
   return items
@@ -563,6 +598,11 @@ def load_batches(cfg: DataConfig, tokenizer: Any,
   tok = tokenize_records(records, tokenizer, cfg)
   batches = make_batches(tok.examples, cfg.batch_size, cfg.max_seq_len,
                          pack=cfg.pack, loss_on=cfg.loss_on)
+  if records and not any(b['token_mask_bt'].any() for b in batches):
+    # Statistics or a loss over no token at all would pass silently as 0.
+    raise DataError(f'{cfg.path or "<records>"}: no token to count in '
+                    f'{len(records)} records (every text renders empty, or '
+                    f'loss_on={cfg.loss_on!r} masks every token)')
   info = {
       'path': cfg.path, 'template': cfg.template,
       'fields': list(required_fields(

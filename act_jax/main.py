@@ -25,18 +25,37 @@ _DEMO = os.path.join(os.path.dirname(os.path.dirname(
 _CONFIG = config_flags.DEFINE_config_file(
     'config', _DEMO, 'ml_collections config file (default: the demo).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (required).')
+_HELP_CONFIG = flags.DEFINE_bool(
+    'help_config', False, 'List every config field with its default and '
+    'help, then exit.')
+
+
+def _config():
+  """The loaded config; a missing or broken config file is one line."""
+  try:
+    config = _CONFIG.value
+    list(config.keys())  # a lazy proxy: a failed load raises only on use
+    return config
+  except (OSError, AttributeError, KeyError, SyntaxError) as e:
+    raise app.UsageError(
+        f'--config: cannot load the config file ({cli.one_line(e)[:300]})'
+    ) from None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if _HELP_CONFIG.value:
+    print(cli.config_help())
+    return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (the run\'s output folder)')
+  config = _config()  # before any JAX work: a bad file is one line
   distributed.maybe_initialize()
   logging.info('JAX %s: process %d/%d, %d local / %d global devices',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  run.run_pipeline(_CONFIG.value, _WORKDIR.value)
+  run.run_pipeline(config, _WORKDIR.value)
 
 
 def console():

@@ -157,6 +157,12 @@ def run_cli(fl) -> str:
   if fl.hf_out:
     outs['--hf_out'] = atomic.check_output(
         fl.hf_out, 'hf', overwrite=fl.overwrite, inputs=ins, flag='--hf_out')
+  if len(outs) == 2:
+    a, b = (os.path.realpath(o) for o in outs.values())
+    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+      raise atomic.OutputError(
+          f'--out={fl.out} and --hf_out={fl.hf_out} overlap: give two '
+          'separate folders (params dir and HF dir)')
   cfg = models_io.load_config(fl.target, fl.follow_symlinks)
   for flag, out in outs.items():
     preflight.check_output_space(out, preflight.params_bytes(cfg), flag)
