@@ -209,7 +209,7 @@ class CollectTest(absltest.TestCase):
       collect_cli.run_cli(self._flags(template='qa', prompt_field='prompt'))
 
   def test_error_overflow(self):
-    with self.assertRaisesRegex(data.DataError, 'record 3.*max_seq_len=48'):
+    with self.assertRaisesRegex(data.DataError, 'record 4.*max_seq_len=48'):
       collect_cli.run_cli(self._flags(overflow='error'))
 
   def test_error_different_architecture(self):

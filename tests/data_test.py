@@ -72,7 +72,7 @@ class DataTest(absltest.TestCase):
   def test_missing_field_names_field_source_and_available(self):
     cfg = data.DataConfig(template='qa', prompt_field='prompt')
     with self.assertRaisesRegex(
-        data.DataError, r"r.jsonl: record 0 has no field 'prompt'.*"
+        data.DataError, r"r.jsonl: record 1 has no field 'prompt'.*"
         r"\['answer', 'question', 'text'\]"):
       data.check_fields(RECORDS, cfg, self.jsonl)
 
@@ -114,7 +114,7 @@ class DataTest(absltest.TestCase):
     out = data.tokenize_records(RECORDS, self.tok, cfg, 'src')
     self.assertEqual(out.num_truncated, 2)  # 'gamma' (5 chars) fits
     self.assertEqual(out.num_tokens, 6 + 5 + 6)
-    with self.assertRaisesRegex(data.DataError, 'src: record 0 has 10 tokens'):
+    with self.assertRaisesRegex(data.DataError, 'src: record 1 has 10 tokens'):
       data.tokenize_records(RECORDS, self.tok,
                             data.DataConfig(max_seq_len=6, overflow='error'),
                             'src')

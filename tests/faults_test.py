@@ -42,9 +42,9 @@ OVERRIDES = (
     '--config.case.num_eval=8', '--config.case.num_sft=16',
     '--config.sft.num_records=16', '--config.collect.batch_size=4',
     '--config.collect.save_every=2', '--config.evaluate.num_eval=8',
-    '--config.report.bootstrap=50')
+    '--config.report.bootstrap=50', '--config.sweep.patch=act')
 STAGES = ('build_models', 'convert', 'collect', 'localize', 'transfer',
-          'finetune', 'evaluate', 'report')
+          'finetune', 'evaluate', 'patch', 'report', 'export')
 # (first kill: mid-stage, second kill: inside a save), scoped to the stage.
 KILLS = {
     'build_models': ('atomic.after_rename~partial/base',
@@ -56,7 +56,9 @@ KILLS = {
     'transfer': ('atomic.before_rename~recover/act', 'stage.before_complete'),
     'finetune': ('checkpoint.saved', 'atomic.before_rename~act_ft'),
     'evaluate': ('atomic.after_rename@2', 'atomic.before_rename~recover.json'),
+    'patch': ('atomic.after_rename@2', 'atomic.before_rename~recover.json'),
     'report': ('atomic.after_rename', 'stage.before_rename'),
+    'export': ('atomic.after_rename~recover/act', 'stage.before_complete'),
 }
 # Keys of JSON artifacts that hold wall times or memory figures.
 VOLATILE = ('finished', 'wall_s', 'peak_rss_mb', 'eval_s', 'finetune_s',

@@ -216,7 +216,7 @@ class UserConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(preflight.PreflightError, 'localize.mass'):
       preflight.check_plan(self._plan(c))
 
-  def test_missing_field_in_the_first_record_of_every_data_file(self):
+  def test_missing_field_in_any_record_of_every_data_file(self):
     csv = os.path.join(self.tmp, 'qa.csv')
     with open(csv, 'w') as f:
       f.write('question,answer\n2+2?,4\n')
@@ -224,11 +224,11 @@ class UserConfigTest(absltest.TestCase):
       for path in (self.text, csv):
         with self.subTest(use=use, path=path):
           msg = self._fails(
-              f"abilities.ability.{use}\\): the first record has no field "
+              f"abilities.ability.{use}\\): record 1 has no field "
               "'prompt'", f'abilities.ability.{use}', path,
               preflight.check_data)
           self.assertStartsWith(msg, path)
-    self._fails(r"abilities.retain.eval\): the first record has no field "
+    self._fails(r"abilities.retain.eval\): record 1 has no field "
                 "'text'", 'abilities.retain.eval', self.qa,
                 preflight.check_data)
     self._fails('abilities.ability.sft: no such file', 'abilities.ability.sft',

@@ -228,6 +228,13 @@ class OutputsTest(absltest.TestCase):
           target=target, source=[self.models[1]], masks=[masks], out=target,
           overwrite=True, allow_other_models=True))
     self.assertEqual(_tree_digest(target), digest)
+    # --out and --hf_out the same folder: refused before any write.
+    same = os.path.join(self.tmp, 'same')
+    with self.assertRaisesRegex(FileExistsError, 'overlap'):
+      transfer_cli.run_cli(_transfer_flags(
+          target=self.models[0], source=[self.models[1]], masks=[masks],
+          out=same, hf_out=same))
+    self.assertFalse(os.path.exists(same))
 
 
 class ResumeTest(absltest.TestCase):
@@ -518,7 +525,7 @@ class StrangerInputsTest(absltest.TestCase):
     rec = os.path.join(self.tmp, 'records.json')
     with open(rec, 'w') as f:
       json.dump([{'text': 'a'}, {'other': 'b'}], f)
-    with self.assertRaisesRegex(ValueError, r"record 1 has no field 'text'.*"
+    with self.assertRaisesRegex(ValueError, r"record 2 has no field 'text'.*"
                                 r"the fields \['other'\]$"):
       run(probe=rec)
     # A chat template that fails in jinja2 (syntax; the sandbox): one line
@@ -659,6 +666,7 @@ class PipelineTest(absltest.TestCase):
 
   def test_a_second_run_on_the_workdir_fails_naming_the_first(self):
     os.makedirs(self.work)
+    atomic.write_marker(self.work, 'workdir')  # the first run's workdir
     holder = _holder('lock', os.path.join(self.work, '.lock'))
     self.addCleanup(holder.kill)
     with self.assertRaisesRegex(RuntimeError, f'pid {holder.pid}'):
