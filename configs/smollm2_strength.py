@@ -65,7 +65,7 @@ def get_config(arg: str = '50'):
         english_dev_paragraphs=4, conlang_dev_paragraphs=4,
         english_probe_paragraphs=4, conlang_train_paragraphs=24,
         stdlib_docstrings=False, qa_eval_frac=0.4, qa_dev_frac=0.3,
-        facts='capital,continent', facts_per_kind=6)
+        facts='capital,continent', facts_per_kind=6, facts_min_population=0)
   else:
     c.case.data = rec.corpus()  # the recover study's split (322 + 322 QA)
   if toy:  # the study's dev split is configs/smollm2_recover.py's

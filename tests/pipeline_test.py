@@ -67,6 +67,9 @@ class ConfigTest(absltest.TestCase):
 
   def test_registry_rows_of_a_sweep(self):
     c = testutil.load_config('smollm2_recover.py', 'study')
+    c.sweep.scores = 'mean_abs_diff,diff_of_mean_abs'  # a wide sweep
+    c.sweep.rhos, c.sweep.extra_rhos = '0.2,0.05,0.01', '0.5'
+    c.sweep.finetune_rhos = ''
     plan = jobs.plan_from_config(c, '/w')
     names = [x.name for x in candidates.enumerate_candidates(plan.jobs[0],
                                                              plan)]

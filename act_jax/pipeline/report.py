@@ -308,7 +308,7 @@ def build_report(workdir: str, out_dir: str, plan: jobs_lib.Plan) -> dict:
             f'({rc.bootstrap} resamples); a verdict is read from the '
             'interval of the difference, never from the bare difference.',
             '', code_line(markers), '', '## Setup', '']
-  lines += _setup(plan)
+  lines += _setup(plan, workdir)
   build = markers.get('build_models', {}).get('summary', {})
   if build.get('scores'):
     lines += ['## Models after building (before ACT)', '',
@@ -446,9 +446,17 @@ def _job_line(job: jobs_lib.Job) -> str:
   return f'Merge {specs} into `{job.base}`.'
 
 
-def _setup(plan: jobs_lib.Plan) -> list[str]:
+def _where(path: str, workdir: str) -> str:
+  """`path` as the report shows it: `<workdir>/...` inside the run's
+  workdir (a report names no machine's folders)."""
+  rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
+  return path if rel.startswith('..') else f'<workdir>/{rel}'
+
+
+def _setup(plan: jobs_lib.Plan, workdir: str = '') -> list[str]:
   loc, sw = plan.localize, plan.sweep
-  out = ['- Models: ' + ', '.join(f'`{n}` = {plan.models[n]}'
+  w = (lambda p: _where(p, workdir)) if workdir else (lambda p: p)
+  out = ['- Models: ' + ', '.join(f'`{n}` = {w(plan.models[n])}'
                                   for n in plan.model_names) + '.']
   for name, a in plan.abilities.items():
     if a.eval or a.dev:
@@ -456,10 +464,10 @@ def _setup(plan: jobs_lib.Plan) -> list[str]:
              f'`{a.match}`' if a.metric == 'exact_match' else
              'perplexity')
       out.append(f'- Ability `{name}`: {a.template} rendering, {how}; '
-                 + '; '.join(f'{sp} split {_file(a, sp)}'
+                 + '; '.join(f'{sp} split {w(_file(a, sp))}'
                              for sp in plan.splits)
-                 + (f'; probe {a.probe}' if a.probe else '') +
-                 (f'; SFT {a.sft}' if a.sft else '') + '.')
+                 + (f'; probe {w(a.probe)}' if a.probe else '') +
+                 (f'; SFT {w(a.sft)}' if a.sft else '') + '.')
   out.append(f'- Eval splits: {", ".join(plan.splits)} (`evaluate.split`); '
              'each section below names the split its numbers use.')
   out.append(f'- Localization: scores {", ".join(plan.scores)}, selection '
