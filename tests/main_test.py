@@ -22,6 +22,8 @@ import time
 
 from absl.testing import absltest
 
+from act_jax.io import atomic
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('build_models', 'convert', 'collect', 'localize', 'transfer',
           'finetune', 'evaluate', 'report', 'export')
@@ -171,6 +173,8 @@ class MainTest(absltest.TestCase):
     workdir = os.path.join(self.tmp, name)
     shutil.copytree(os.path.join(self.workdir, 'build_models'),
                     os.path.join(workdir, 'build_models'))
+    # A workdir is known by its marker alone: copy it with the stage.
+    shutil.copy2(os.path.join(self.workdir, atomic.MARKER), workdir)
     return workdir
 
   def assert_same_as_reference(self, workdir):

@@ -244,7 +244,7 @@ def hold_lock(lock_file: str, what: str,
     return
   os.makedirs(os.path.dirname(lock_file), exist_ok=True)
   while True:
-    fd, created = _open_lock(lock_file, what)
+    fd = _open_lock(lock_file, what)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -273,18 +273,17 @@ def hold_lock(lock_file: str, what: str,
     _HELD[lock_file][1] -= 1
     if not _HELD[lock_file][1]:
       del _HELD[lock_file]
-      # Only a lock file this process created is removed: a leftover of a
-      # killed run stays (its next holder reuses it), and nothing else is.
-      if created:
-        with contextlib.suppress(OSError):
-          os.unlink(lock_file)
+      # The file is an act-jax lock (created here, or a killed run's pid-only
+      # leftover that this process took over and rewrote): nothing else is
+      # ever opened, so removing it removes nobody's data.
+      with contextlib.suppress(OSError):
+        os.unlink(lock_file)
       os.close(fd)
 
 
-def _open_lock(lock_file: str, what: str) -> tuple[int, bool]:
-  """`(fd, created)` of a lock file, never through a link: a new file
-  (O_EXCL), or an existing regular file holding nothing but a pid (a killed
-  run's leftover).
+def _open_lock(lock_file: str, what: str) -> int:
+  """An fd of a lock file, never through a link: a new file (O_EXCL), or an
+  existing regular file holding nothing but a pid (a killed run's leftover).
 
   Raises:
     OutputError when `lock_file` is a link, not a regular file, or holds
@@ -292,7 +291,7 @@ def _open_lock(lock_file: str, what: str) -> tuple[int, bool]:
   """
   flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
   try:
-    return os.open(lock_file, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+    return os.open(lock_file, flags | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError:
     pass
   bad = (f'lock file {lock_file} (of {what}) exists and is not an act-jax '
@@ -312,7 +311,7 @@ def _open_lock(lock_file: str, what: str) -> tuple[int, bool]:
     os.close(fd)
     raise OutputError(f'{bad} (it holds other content); refusing to touch '
                       'it: move it away')
-  return fd, False
+  return fd
 
 
 def output_lock(path: str) -> contextlib.AbstractContextManager:
