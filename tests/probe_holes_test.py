@@ -11,6 +11,7 @@
    code) regenerates the report on rerun.
 6. A JSONL record over the byte budget is a one-line error naming the file
    and line, raised while reading (before tokenization).
+And a copied or moved workdir is reused (keys hold paths relative to it).
 Plus the one-line errors of bad records (encoding, null, non-string).
 """
 
@@ -55,6 +56,27 @@ class RunnerHolesTest(absltest.TestCase):
     super().setUp()
     self.tmp = tempfile.mkdtemp(prefix='holes_')
     self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+
+  def test_keys_write_workdir_paths_relative_to_it(self):
+    work = os.path.join(self.tmp, 'w')
+    inside, outside = os.path.join(work, 'build_models', 'm'), '/elsewhere/m'
+    self.assertEqual(runner.relative_to([work + '2'], work), [work + '2'])
+    key = {'config': {'model': inside, 'other': outside},
+           'inputs': {inside: {'digest': 'd'}}, 'code': None,
+           'upstream': {}}
+    rel = runner.relative_to(key, work)
+    self.assertEqual(rel['config'], {'model': '<workdir>/build_models/m',
+                                     'other': outside})
+    self.assertEqual(list(rel['inputs']), ['<workdir>/build_models/m'])
+    # An absolute key (an earlier version) still matches in place, and a
+    # relative one matches wherever the workdir now is.
+    self.assertIsNone(runner.key_change(key, rel, work))
+    moved = runner.relative_to(json.loads(json.dumps(key).replace(
+        work, os.path.join(self.tmp, 'v'))), os.path.join(self.tmp, 'v'))
+    self.assertIsNone(runner.key_change(rel, moved, os.path.join(self.tmp,
+                                                                 'v')))
+    self.assertIsNotNone(runner.key_change(key, moved, os.path.join(
+        self.tmp, 'v')))
 
   def _stage(self, read=None, paths=()):
     def body(ctx):
@@ -240,6 +262,23 @@ class PipelineHolesTest(absltest.TestCase):
   def tearDownClass(cls):
     shutil.rmtree(cls.tmp, ignore_errors=True)
     super().tearDownClass()
+
+  def test_a_copied_or_moved_workdir_reuses_every_stage(self):  # 8
+    moved = os.path.join(self.tmp, 'moved')
+    shutil.copytree(self.work, moved, symlinks=True)
+    self.addCleanup(shutil.rmtree, moved, ignore_errors=True)
+
+    def marks():
+      return {s: os.path.getmtime(os.path.join(moved, s, runner.MARKER))
+              for s in os.listdir(moved)
+              if os.path.isfile(os.path.join(moved, s, runner.MARKER))}
+
+    before = marks()
+    self.assertIn('evaluate', before)
+    records = run_lib.run_pipeline(_tiny(self.dev), moved)
+    self.assertEqual(marks(), before)  # nothing recomputed
+    self.assertIn('<workdir>/build_models', json.dumps(records['evaluate']))
+    self.assertNotIn(self.work, json.dumps(records['evaluate']['config']))
 
   def test_report_title_and_report_code_regenerate_the_report(self):  # 5
     c = _tiny(self.dev)

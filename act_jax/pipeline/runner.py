@@ -182,20 +182,45 @@ def _key_digest(key: dict[str, Any]) -> str:
       sort_keys=True).encode()).hexdigest()[:16]
 
 
+WORKDIR = '<workdir>'  # how keys write paths inside the run's workdir
+
+
+def relative_to(x: Any, workdir: str | None) -> Any:
+  """`x` (JSON-able) with every path string inside `workdir` written as
+  `<workdir>/...` (dict keys too): a key that holds no absolute workdir path
+  still matches after the workdir is copied or moved."""
+  if workdir is None:
+    return x
+  root = os.path.abspath(workdir)
+
+  def rel(v):
+    if isinstance(v, str) and (v == root or v.startswith(root + os.sep)):
+      return WORKDIR + v[len(root):]
+    if isinstance(v, dict):
+      return {rel(k): rel(w) for k, w in v.items()}
+    if isinstance(v, list):
+      return [rel(w) for w in v]
+    return v
+
+  return rel(x)
+
+
 def drift_key(stage: Stage, workdir: str | None = None) -> dict[str, Any]:
   """What a completed (or interrupted) stage must match to be reused: its
   config snapshot, code digest, input fingerprints and, given `workdir`,
-  the digests of its completed input stages' keys."""
+  the digests of its completed input stages' keys; paths inside `workdir`
+  relative to it (`relative_to`)."""
   upstream = {}
   if workdir is not None:
     for dep in stage.inputs:
       if is_complete(workdir, dep):
         upstream[dep] = _key_digest(read_marker(workdir, dep))
-  return {'config': _jsonable(stage.snapshot),
-          'code': code_digest(stage.code) if stage.code else None,
-          'inputs': {p: path_fingerprint(p, stage.follow_symlinks)
-                     for p in stage.paths},
-          'upstream': upstream}
+  return relative_to({
+      'config': _jsonable(stage.snapshot),
+      'code': code_digest(stage.code) if stage.code else None,
+      'inputs': {p: path_fingerprint(p, stage.follow_symlinks)
+                 for p in stage.paths},
+      'upstream': upstream}, workdir)
 
 
 def config_changes(old: Any, new: Any, where: str = '', limit: int = 8
@@ -228,10 +253,13 @@ def config_changes(old: Any, new: Any, where: str = '', limit: int = 8
   return out
 
 
-def key_change(recorded: dict[str, Any], now: dict[str, Any]
-               ) -> tuple[str, str] | None:
+def key_change(recorded: dict[str, Any], now: dict[str, Any],
+               workdir: str | None = None) -> tuple[str, str] | None:
   """`(what, detail)` of the first difference between two drift keys:
-  ('config' | 'code' | 'input' | 'upstream', ...), or None."""
+  ('config' | 'code' | 'input' | 'upstream', ...), or None. Given the
+  `workdir`, a key recorded with absolute paths inside it (an earlier
+  version) is compared as `relative_to` writes it."""
+  recorded = relative_to(recorded, workdir)
   if recorded.get('config') is not None and recorded['config'] != now[
       'config']:
     return 'config', ', '.join(config_changes(recorded['config'],
@@ -343,7 +371,7 @@ def _prepare_partial(stage: Stage, workdir: str, key: dict[str, Any],
   started = os.path.join(partial, STARTED)
   if os.path.isdir(partial) and not restart:
     if os.path.isfile(started):
-      change = key_change(atomic.read_json(started), key)
+      change = key_change(atomic.read_json(started), key, workdir)
       if change and stage.rederive:
         restart = True  # nothing worth resuming: derive it again
       elif change:
@@ -475,7 +503,8 @@ def run_stages(stages: Sequence[Stage], workdir: str,
       key = None
       if is_complete(workdir, stage.name):
         key = drift_key(stage, workdir)
-        change = key_change(read_marker(workdir, stage.name), key)
+        change = key_change(read_marker(workdir, stage.name), key,
+                            workdir)
         if change is None:
           logging.info('stage %s: complete, skipping (%s)', stage.name,
                        stage_dir(workdir, stage.name))
