@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,6 @@ import orbax.checkpoint as ocp
 
 from act_jax import data
 from act_jax.model import forward
-from act_jax.train import metrics as train_metrics
 from act_jax.train import optim
 from act_jax.model import sharding
 from act_jax.train import finetune
@@ -47,6 +47,21 @@ RUN_SCRIPT = textwrap.dedent('''
     np.savez(out + '.tmp.npz', *[np.asarray(x) for x in jax.tree.leaves(p)])
     os.replace(out + '.tmp.npz', out)
 ''')
+
+
+def _tb_scalars(path):
+  """(step, tag, value) of a TensorBoard event file: TFRecord framing
+  (u64 length, u32 crc, data, u32 crc) of Event protos."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    raw = f.read()
+  out, i = [], 0
+  while i < len(raw):
+    (n,) = struct.unpack_from('<Q', raw, i)
+    ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+    i += 12 + n + 4
+    out += [(ev.step, v.tag, v.simple_value) for v in ev.summary.value]
+  return out
 
 
 def _ckpt_steps(workdir):
@@ -119,8 +134,7 @@ class TrainTest(absltest.TestCase):
     self.assertLess(last, 0.5 * first)
     self.assertTrue(all(r['tokens_per_s'] > 0 for r in rows))
     tb_dir = os.path.join(workdir, 'tb')
-    events = train_metrics.read_tb_scalars(
-        os.path.join(tb_dir, os.listdir(tb_dir)[0]))
+    events = _tb_scalars(os.path.join(tb_dir, os.listdir(tb_dir)[0]))
     tb_loss = [v for s, t, v in events if t == 'loss']
     np.testing.assert_allclose(tb_loss, [r['loss'] for r in rows], rtol=1e-6)
     self.assertEqual(_ckpt_steps(workdir), [30])  # final save
