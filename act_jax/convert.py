@@ -30,6 +30,7 @@ from absl import logging
 
 from act_jax import cli
 from act_jax.io import atomic
+from act_jax.io import card
 from act_jax.io import hf
 from act_jax.io import models as models_io
 from act_jax.io import params as params_io
@@ -97,7 +98,10 @@ def convert_params_to_hf(params_dir: str, hf_dir: str, *,
         params_dir, param_dtype=param_dtype, follow_symlinks=follow_symlinks)
     hf.save_hf(params, cfg, hf_dir,
                hf_config=params_io.load_hf_config_dict(params_dir),
-               tokenizer_dir=params_dir, max_shard_bytes=max_shard_bytes,
+               tokenizer_dir=params_dir, model_card=card.short_card(
+                   cfg, params, f'Converted from the act-jax params dir '
+                   f'`{os.path.abspath(params_dir)}`.'),
+               max_shard_bytes=max_shard_bytes,
                overwrite=overwrite, follow_symlinks=follow_symlinks)
   logging.info('converted %s -> %s in %.1f s', params_dir, hf_dir,
                time.time() - start)

@@ -43,6 +43,7 @@ from act_jax.act import baselines
 from act_jax.act import masks as masks_lib
 from act_jax.act import stream
 from act_jax.act import transfer
+from act_jax.io import card
 from act_jax.io import hf
 from act_jax.io import models as models_io
 from act_jax.io import params as params_io
@@ -233,8 +234,12 @@ def _transfer(fl, sources, mask_dirs) -> str:
       hf_cfg = hf.read_hf_config_dict(fl.target, follow)
     else:
       hf_cfg = params_io.load_hf_config_dict(fl.target)
+    notes = (f'`{fl.method}` of {", ".join(f"`{s}`" for s in meta_out["sources"])}'
+             f' into `{meta_out["target"]}` (act_jax.transfer).')
     hf.save_hf(params, cfg, fl.hf_out, hf_config=hf_cfg,
-               tokenizer_dir=tok, max_shard_bytes=fl.max_shard_bytes,
+               tokenizer_dir=tok, model_card=card.short_card(cfg, params,
+                                                             notes),
+               max_shard_bytes=fl.max_shard_bytes,
                overwrite=fl.overwrite, follow_symlinks=follow)
   return fl.out or fl.hf_out
 

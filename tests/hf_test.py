@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from act_jax import convert
-from act_jax.io import hf
+from act_jax.io import card
 from act_jax.io import hf
 from act_jax.io import hf_names
 from act_jax.model.config import from_hf_config, to_hf_config
@@ -64,9 +64,10 @@ class RoundTripTest(parameterized.TestCase):
     out = f'{self.root}/out'
     hf.save_hf(params, cfg, out,
                hf_config=hf.read_hf_config_dict(src),
-               tokenizer_dir=src)
+               tokenizer_dir=src, model_card=card.short_card(cfg, params))
     self.assertTrue(os.path.isfile(f'{out}/model.safetensors'))
-    self.assertTrue(os.path.isfile(f'{out}/README.md'))
+    with open(f'{out}/README.md') as f:
+      self.assertIn(f'({want})', f.read())  # the params' dtype
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
     state_dict_equal(self, model, back)
     # Same loading path for the reference: `model.to(bf16)` also rounds the

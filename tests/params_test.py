@@ -208,6 +208,8 @@ class CliTest(absltest.TestCase):
                  f'--hf_dir={out_dir}', '--max_shard_bytes=50000')
     self.assertEqual(second.returncode, 0, second.stderr[-3000:])
     self.assertTrue(os.path.isfile(f'{out_dir}/model.safetensors.index.json'))
+    with open(f'{out_dir}/README.md') as f:  # the card says where it came from
+      self.assertIn(params_dir, f.read())
     back = transformers.AutoModelForCausalLM.from_pretrained(out_dir)
     self.assertEqual(back.dtype, torch.bfloat16)
     want = model.to(torch.bfloat16).state_dict()

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from act_jax.io import hf
+from act_jax.model import config as config_lib
 from act_jax.model.config import ModelConfig
 
 
@@ -108,6 +109,24 @@ def build_model_card(*, name: str, cfg: ModelConfig,
   if notes:
     out += ['## Notes', '', notes, '']
   out += ['Load with `transformers.AutoModelForCausalLM.from_pretrained`.', '']
+  return '\n'.join(out)
+
+
+def short_card(cfg: ModelConfig, params, notes: str = '') -> str:
+  """The README.md of a plain export (`convert`, the transfer CLI): the
+  architecture, the param count and dtype, and `notes` (provenance)."""
+  leaves = jax.tree.leaves(params)
+  dtypes = sorted({np.dtype(x.dtype).name for x in leaves})
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  out = [f'# {cfg.model_type} model exported by act-jax', '',
+         f'- architecture: {config_lib.ARCHITECTURES[cfg.model_type]}',
+         f'- parameters: {n:,} ({", ".join(dtypes)})',
+         f'- layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads '
+         f'{cfg.num_heads} (kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}']
+  if notes:
+    out += ['', notes]
+  out += ['', 'Load with `transformers.AutoModelForCausalLM.from_pretrained`.',
+          '']
   return '\n'.join(out)
 
 

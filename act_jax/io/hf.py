@@ -17,7 +17,7 @@ Writing (`save_hf`) streams too: sharded safetensors
 (`model-00001-of-0000N.safetensors` + index, or one `model.safetensors`), a
 `config.json` from `config.to_hf_config` on top of the source config.json
 when one is given (token ids, chat settings etc. survive; code references
-such as `auto_map` do not), tokenizer files and a README.md model card, all
+such as `auto_map` do not), tokenizer files and a README.md model card (from `io.card`), all
 into a temporary sibling renamed into place at the end. `ShardWriter` lays
 the shards out up front and writes each tensor straight to its place, so
 one leaf is on the host at a time. From a multi-process mesh every process
@@ -478,15 +478,6 @@ def _write_shards(params: dict[str, Any], cfg: ModelConfig, out_dir: str,
   return writer.names, writer.total
 
 
-def _model_card(cfg: ModelConfig, n_params: int, dtype: str) -> str:
-  return (f'# {cfg.model_type} model exported by act-jax\n\n'
-          f'- architecture: {config_lib.ARCHITECTURES[cfg.model_type]}\n'
-          f'- parameters: {n_params:,} ({dtype})\n'
-          f'- layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads '
-          f'{cfg.num_heads} (kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}\n'
-          '\nLoad with `transformers.AutoModelForCausalLM.from_pretrained`.\n')
-
-
 def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
             hf_config: dict[str, Any] | None = None,
             tokenizer_dir: str | None = None, model_card: str | None = None,
@@ -500,7 +491,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
     out_dir: output directory; must not exist unless `overwrite`.
     hf_config: the source config.json dict, whose other fields are kept.
     tokenizer_dir: copy tokenizer / generation config files from here.
-    model_card: README.md text; default a short generated card.
+    model_card: README.md text (`io.card`: the one place cards are
+      written); none when None.
     max_shard_bytes: start a new shard before exceeding this size.
     overwrite: replace an existing `out_dir` (act-jax's own HF export).
     follow_symlinks: copy tokenizer files that are symlinks out of
@@ -526,8 +518,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str, *,
       with open(os.path.join(tmp, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2, sort_keys=True)
       params_io.copy_aux_files(tokenizer_dir, tmp, follow_symlinks)
-      with open(os.path.join(tmp, 'README.md'), 'w') as f:
-        f.write(model_card if model_card is not None else _model_card(
-            cfg, forward.count_params(params), dtype))
+      if model_card is not None:
+        with open(os.path.join(tmp, 'README.md'), 'w') as f:
+          f.write(model_card)
   logging.info('saved HF checkpoint (%d files, %s) to %s', len(names), dtype,
                out_dir)
