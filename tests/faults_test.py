@@ -12,7 +12,7 @@ for wall times and memory figures (`VOLATILE`), params dirs (orbax names its
 data files at random: their arrays are compared bitwise) and the fine-tune
 work folders (resume state and logs with wall times).
 
-The kills are deterministic (`ACT_JAX_FAILPOINT`, see io/atomic.py) and all
+The kills are deterministic (`ACT_JAX_FAILPOINT`, see io/faults.py) and all
 processes share one JAX compilation cache, so the matrix costs about two
 reference runs.
 """
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from act_jax.io import atomic
+from act_jax.io import faults
 from act_jax.io import inputs
 from act_jax.io import params as params_io
 
@@ -74,7 +75,7 @@ def _env(cache):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.pop('XLA_FLAGS', None)
-  env.pop(atomic.FAILPOINT_ENV, None)
+  env.pop(faults.FAILPOINT_ENV, None)
   return env
 
 
@@ -178,7 +179,7 @@ class FaultMatrixTest(parameterized.TestCase):
                       symlinks=True)
     only = f'--config.stages={stage}'
     for point in KILLS[stage]:
-      env = dict(self.env, **{atomic.FAILPOINT_ENV: f'{stage}/{point}'})
+      env = dict(self.env, **{faults.FAILPOINT_ENV: f'{stage}/{point}'})
       p = _main(self.work, env, only)
       self.assertEqual(p.returncode, -signal.SIGKILL,
                        f'{stage}: {point} was never reached:\n'

@@ -15,6 +15,7 @@ from absl.testing import absltest
 
 import testutil
 from act_jax.io import atomic
+from act_jax.io import faults
 from act_jax.io import inputs
 from act_jax.io import models as models_io
 
@@ -164,7 +165,7 @@ class AtomicTest(absltest.TestCase):
     left = lambda: sorted(n for n in os.listdir(self.tmp) if n != 'out')
     for point, prefix in (('atomic.before_rename~out', '.out.partial-'),
                           ('atomic.before_rename~json', '.out.json.tmp-')):
-      env[atomic.FAILPOINT_ENV] = point
+      env[faults.FAILPOINT_ENV] = point
       p = subprocess.run([sys.executable, '-c', script, out], env=env,
                          capture_output=True, text=True, timeout=120)
       self.assertEqual(p.returncode, -signal.SIGKILL, p.stderr[-2000:])

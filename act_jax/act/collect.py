@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from act_jax.act import attribution as attribution_lib
 from act_jax.io import atomic
+from act_jax.io import faults
 from act_jax.io import inputs as inputs_lib
 from act_jax.model import capture as capture_lib
 from act_jax.model import forward
@@ -149,7 +150,7 @@ class _Checkpointer:
         meta=ocp.args.JsonSave({'batch': batch,
                                 'fingerprint': self.fingerprint,
                                 'inputs': self.inputs})))
-    atomic.failpoint('checkpoint.saved')
+    faults.failpoint('checkpoint.saved')
 
   def close(self) -> None:
     self.mgr.wait_until_finished()

@@ -31,20 +31,11 @@ wait at barriers, so all of them may write shards into the same temporary
 directory. Small artifacts that only process 0 writes use
 `collective=False` (a temporary name unique to the writer).
 
-Fault injection (tests): `failpoint(name, detail)` SIGKILLs the process at
-the n-th hit of a named point when `ACT_JAX_FAILPOINT` asks for it
-(`[scope/]name[~text][@n]`, comma separated; scope = the pipeline stage
-running, see `failpoint_scope`; `~text`: only hits whose detail, the path
-being written, contains `text`). Points: `atomic.before_rename` (inside a
-save: the temporary copy is complete, not yet renamed),
-`atomic.after_rename` (between two saves), `checkpoint.saved` (an orbax
-save of a resumable loop just started) and the stage runner's
-`stage.before_complete` / `stage.before_rename`.
+Fault injection for the kill tests: `io.faults` (its points are named there).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno as errno_lib
 import fcntl
@@ -52,19 +43,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
-import sys
 import uuid
 from typing import Any, Iterator, Sequence
 
 import act_jax
 from act_jax import distributed
+from act_jax.io import faults
 
 MARKER = '.act-jax.json'
 MARKER_FORMAT = 'act-jax-artifact'
-FAILPOINT_ENV = 'ACT_JAX_FAILPOINT'
 # errno values that mean "the disk / file system refused the write".
 _WRITE_ERRNOS = (errno_lib.ENOSPC, errno_lib.EDQUOT, errno_lib.EFBIG,
                  errno_lib.EROFS, errno_lib.EACCES, errno_lib.EPERM,
@@ -354,45 +343,6 @@ def _raise_write_error(path: str, e: BaseException) -> None:
     raise WriteError(f'cannot write {path}: {cause}') from e
 
 
-# --------------------------------------------------------------- failpoints
-
-_SCOPE = ['']
-_HITS: collections.Counter = collections.Counter()
-
-
-@contextlib.contextmanager
-def failpoint_scope(name: str) -> Iterator[None]:
-  """Names what runs now (the pipeline stage), for scoped failpoints."""
-  old = _SCOPE[0]
-  _SCOPE[0] = name
-  try:
-    yield
-  finally:
-    _SCOPE[0] = old
-
-
-def failpoint(name: str, detail: str = '') -> None:
-  """SIGKILLs this process at the n-th hit of `name` when ACT_JAX_FAILPOINT
-  says so (see module docstring); a no-op otherwise."""
-  spec = os.environ.get(FAILPOINT_ENV)
-  if not spec:
-    return
-  for entry in spec.split(','):
-    point, _, nth = entry.strip().partition('@')
-    point, _, text = point.partition('~')
-    scope, _, point = point.partition('/')
-    if not point:
-      scope, point = '', scope
-    if point != name or (scope and scope != _SCOPE[0]) or (
-        text and text not in detail):
-      continue
-    _HITS[entry] += 1
-    if _HITS[entry] == int(nth or 1):
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ------------------------------------------------------------------ writers
 
 _HOST = socket.gethostname()
@@ -499,7 +449,7 @@ def atomic_dir(path: str, overwrite: bool = False, collective: bool = True,
       barrier(f'atomic_dir_done:{path}')
       if primary:
         write_marker(tmp, kind)
-        failpoint('atomic.before_rename', path)
+        faults.failpoint('atomic.before_rename', path)
         old = None
         if os.path.lexists(path):
           check_replaceable(path, kind)
@@ -508,7 +458,7 @@ def atomic_dir(path: str, overwrite: bool = False, collective: bool = True,
         os.rename(tmp, path)
         if old:
           shutil.rmtree(old, ignore_errors=True)
-        failpoint('atomic.after_rename', path)
+        faults.failpoint('atomic.after_rename', path)
       barrier(f'atomic_dir_end:{path}')
     except BaseException as e:
       if primary:
@@ -534,9 +484,9 @@ def atomic_file(path: str) -> Iterator[str]:
     for left in _leftovers(parent, name, 'tmp', ext):
       os.remove(left)
     yield tmp
-    failpoint('atomic.before_rename', path)
+    faults.failpoint('atomic.before_rename', path)
     os.replace(tmp, path)
-    failpoint('atomic.after_rename', path)
+    faults.failpoint('atomic.after_rename', path)
   except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -53,6 +53,7 @@ from absl import logging
 import act_jax
 from act_jax import distributed
 from act_jax.io import atomic
+from act_jax.io import faults
 from act_jax.io import inputs as inputs_lib
 from act_jax.io import models as models_io
 
@@ -403,7 +404,7 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
   partial = _prepare_partial(stage, workdir, key, restart)
   distributed.barrier(f'stage_start:{stage.name}')
   t0 = time.time()
-  with peak_rss() as peak, atomic.failpoint_scope(stage.name), (
+  with peak_rss() as peak, faults.failpoint_scope(stage.name), (
       inputs_lib.declared_reads(stage.name, stage.paths, workdir)):
     summary = stage.run(StageContext(workdir, stage.name, partial))
   record = {
@@ -418,10 +419,10 @@ def run_stage(stage: Stage, workdir: str, restart: bool = False,
   }
   distributed.barrier(f'stage_done:{stage.name}')
   if distributed.is_primary():
-    with atomic.failpoint_scope(stage.name):
-      atomic.failpoint('stage.before_complete')
+    with faults.failpoint_scope(stage.name):
+      faults.failpoint('stage.before_complete')
       atomic.write_json(os.path.join(partial, MARKER), record)
-      atomic.failpoint('stage.before_rename')
+      faults.failpoint('stage.before_rename')
     old = os.path.join(workdir, f'.{stage.name}.old')
     if os.path.lexists(final):
       if not is_complete(workdir, stage.name):

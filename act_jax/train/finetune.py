@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 
 from act_jax import distributed
 from act_jax.io import atomic
+from act_jax.io import faults
 from act_jax.io import inputs as inputs_lib
 from act_jax.model import forward
 from act_jax.model import losses
@@ -555,7 +556,7 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
                 {'params': params, 'opt_state': opt_state, 'rng': rng}),
             meta=ocp.args.JsonSave({'step': done, 'data_position': done,
                                     'num_truncated': source.num_truncated})))
-        atomic.failpoint('checkpoint.saved')
+        faults.failpoint('checkpoint.saved')
       last_step = done
   finally:
     logger.close()
