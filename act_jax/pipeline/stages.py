@@ -67,6 +67,7 @@ from act_jax.act import localize as localize_lib
 from act_jax.act import masks as masks_lib
 from act_jax.act import patching
 from act_jax.eval import metrics as eval_metrics
+from act_jax.eval import suite as eval_suite
 from act_jax.io import atomic
 from act_jax.io import hf
 from act_jax.io import models as models_io
@@ -614,59 +615,29 @@ def split_file(ability: jobs_lib.Ability, split: str) -> str:
   return ability.dev if split == 'dev' else ability.eval
 
 
+def eval_task(ability: jobs_lib.Ability, ev: jobs_lib.EvalConfig,
+              metric: str | None = None) -> eval_suite.Task:
+  """How the evaluate stage scores `ability` (`metric='perplexity'` makes
+  any ability teacher-forced: the response's perplexity, for patching)."""
+  if (metric or ability.metric) == 'perplexity':
+    return eval_suite.Task('perplexity', data_config(
+        ability, 'eval', ev.max_seq_len, ev.batch_size))
+  return eval_suite.Task(
+      'exact_match', data_config(ability, 'eval', ev.max_seq_len),
+      answers_field=ability.answers_field, match=ability.match,
+      pattern=ability.pattern, contains_tokens=ability.contains_tokens,
+      max_new_tokens=ability.max_new_tokens)
+
+
 def eval_sets(plan: jobs_lib.Plan, names, tokenizer, split: str = 'test',
               metric: str | None = None) -> dict[str, dict]:
-  """`{ability: {'metric', 'batches' | 'items', ...}}` of one split, built
-  once; `metric='perplexity'` makes every ability teacher-forced (the
-  response's perplexity for QA: activation patching)."""
-  ev = plan.evaluate
+  """`{ability: eval_suite.prepare(...)}` of one split, built once."""
   out = {}
   for name in names:
-    a = plan.abilities[name]
-    recs = data.load_records(split_file(a, split))[:ev.num_eval or None]
-    if (metric or a.metric) == 'perplexity':
-      dcfg = data_config(a, 'eval', ev.max_seq_len, ev.batch_size)
-      out[name] = {'metric': 'perplexity',
-                   'batches': data.load_batches(dcfg, tokenizer, recs)[0]}
-    else:
-      dcfg = data_config(a, 'eval', ev.max_seq_len)
-      out[name] = {'metric': 'exact_match', 'items': data.generation_items(
-          recs, tokenizer, dcfg, a.answers_field, source=a.eval)}
-  return out
-
-
-def evaluate_params(params, cfg, sets, tokenizer, plan: jobs_lib.Plan,
-                    stop_ids, mesh=None, label: str = '',
-                    seconds: dict[str, float] | None = None
-                   ) -> dict[str, dict[str, Any]]:
-  """`{ability: {metric: value, 'items': per-item outcomes}}` of one model.
-
-  Logs each ability's items, rate and the candidate's ETA (from `seconds`,
-  the last measured wall time per ability, which it updates).
-  """
-  out = {}
-  seconds = {} if seconds is None else seconds
-  for k, (name, s) in enumerate(sets.items(), start=1):
-    t0 = time.time()
-    a = plan.abilities[name]
-    if s['metric'] == 'perplexity':
-      r = eval_metrics.perplexity(params, cfg, s['batches'], mesh=mesh)
-      out[name] = {'perplexity': r['ppl'], 'nll': r['nll'],
-                   'items': r['items']}
-    else:
-      r = eval_metrics.generation(
-          params, cfg, tokenizer, s['items'], match=a.match,
-          pattern=a.pattern, contains_tokens=a.contains_tokens,
-          max_new_tokens=a.max_new_tokens,
-          batch_size=plan.evaluate.gen_batch_size, stop_ids=stop_ids,
-          mesh=mesh)
-      out[name] = {'exact_match': r['acc'], 'items': r['items']}
-    seconds[name] = dt = time.time() - t0
-    n = len(s['items'] if 'items' in s else out[name]['items']['nll'])
-    left = sum(seconds.get(b, dt) for b in list(sets)[k:])
-    logging.info('evaluate %s: ability %d/%d %s: %d items in %.1fs (%.1f '
-                 'items/s; candidate ETA %.0fs)', label, k, len(sets), name,
-                 n, dt, n / max(dt, 1e-9), left)
+    a, path = plan.abilities[name], split_file(plan.abilities[name], split)
+    recs = data.load_records(path)[:plan.evaluate.num_eval or None]
+    out[name] = eval_suite.prepare(eval_task(a, plan.evaluate, metric), recs,
+                                   tokenizer, source=path)
   return out
 
 
@@ -734,13 +705,14 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
       te = time.time()
       # The first split is `metrics`; the others go under `splits`.
       info['split'] = splits[0]
-      info['metrics'] = evaluate_params(
-          params, cfg, sets[splits[0]], tok, plan, stop_ids, mesh,
-          seconds=seconds, label=f'{job.name} {n}/{len(cands)} {cand.name}')
+      label = f'{job.name} {n}/{len(cands)} {cand.name}'
+      gen = dict(gen_batch_size=plan.evaluate.gen_batch_size,
+                 stop_ids=stop_ids, mesh=mesh)
+      info['metrics'] = eval_suite.score(params, cfg, sets[splits[0]], tok,
+                                         label=label, seconds=seconds, **gen)
       if len(splits) > 1:
-        info['splits'] = {sp: evaluate_params(
-            params, cfg, sets[sp], tok, plan, stop_ids, mesh,
-            label=f'{job.name} {n}/{len(cands)} {cand.name} ({sp})')
+        info['splits'] = {sp: eval_suite.score(
+            params, cfg, sets[sp], tok, label=f'{label} ({sp})', **gen)
                           for sp in splits[1:]}
       info['eval_s'] = round(time.time() - te, 2)
       info['wall_s'] = round(time.time() - t1, 2)

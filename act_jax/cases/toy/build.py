@@ -26,7 +26,7 @@ from act_jax import distributed
 from act_jax.cases.toy import abilities
 from act_jax.cases.toy import batches
 from act_jax.cases.toy import tokenizer
-from act_jax.eval import metrics as eval_metrics
+from act_jax.eval import suite as eval_suite
 from act_jax.io import atomic
 from act_jax.io import hf
 from act_jax.io import models as models_io
@@ -141,34 +141,27 @@ def eval_data_config(seq_len: int) -> data.DataConfig:
 
 
 def eval_sets(tok, eval_paths: dict[str, str], seq_len: int) -> dict:
-  """Each ability's eval records as `eval.metrics` inputs: greedy items
-  (exact match) or answer-token batches (perplexity, answer + EOS)."""
-  out = {}
+  """Each ability's eval records as `eval.suite` sets: greedy items (exact
+  match, up to one token past the longest answer) or answer-token batches
+  (perplexity, answer + EOS)."""
   dcfg = eval_data_config(seq_len)
+  out = {}
   for name, path in eval_paths.items():
     a = abilities.get(name)
-    recs = data.load_records(path)
-    if a.metric == 'exact_match':
-      out[name] = ('exact_match', data.generation_items(recs, tok, dcfg))
-    else:
-      out[name] = ('perplexity', data.load_batches(dcfg, tok, recs)[0])
+    task = eval_suite.Task(a.metric, dcfg,
+                           max_new_tokens=a.max_answer_chars + 1)
+    out[name] = eval_suite.prepare(task, data.load_records(path), tok,
+                                   source=path)
   return out
 
 
 def score_all(params, cfg: ModelConfig, tok, sets: dict, mesh=None
               ) -> dict[str, dict[str, float]]:
   """`{ability: {metric: value}}` for one model."""
-  out = {}
-  for name, (metric, x) in sets.items():
-    if metric == 'exact_match':
-      r = eval_metrics.generation(
-          params, cfg, tok, x, match='exact', batch_size=256,
-          max_new_tokens=abilities.get(name).max_answer_chars + 1, mesh=mesh)
-      out[name] = {'exact_match': r['acc']}
-    else:
-      out[name] = {'perplexity': eval_metrics.perplexity(
-          params, cfg, x, mesh=mesh)['ppl']}
-  return out
+  scores = eval_suite.score(params, cfg, sets, tok, gen_batch_size=256,
+                            mesh=mesh, label='toy')
+  return {name: {m: r[m] for m in eval_suite.METRICS if m in r}
+          for name, r in scores.items()}
 
 
 def local_mesh() -> jax.sharding.Mesh:
