@@ -521,7 +521,37 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
   # Process 0 logs (metrics are replicated: every process has the same).
   logger = train_metrics.MetricsLogger(
       workdir if distributed.is_primary() else None, tc.num_steps)
-  last_time, last_step = time.time(), start
+  last_time = time.time()
+
+  def settle(done: int, metrics) -> None:
+    """Reads step `done`'s metrics (blocking on it alone) and logs them;
+    a non-finite step, which the compiled step did not apply, ends the
+    run before anything later is saved."""
+    nonlocal last_time
+    metrics = jax.device_get(metrics)
+    if not metrics['ok']:
+      good = mgr.latest_step() if mgr else None
+      if mgr:
+        mgr.wait_until_finished()
+      raise TrainingDivergedError(
+          f'non-finite loss {float(metrics["loss"])} / grad_norm '
+          f'{float(metrics["grad_norm"])} in step {done} of '
+          f'{tc.num_steps} (lr '
+          f'{float(metrics["lr"]):.3g}); the step was not applied and '
+          f'nothing was saved; last good checkpoint: '
+          f'{"none" if good is None else f"step {good} in {mgr.directory}"}')
+    now = time.time()
+    row = {k: v for k, v in metrics.items() if k not in ('ok', 'tokens')}
+    row['tokens_per_s'] = float(metrics['tokens']) / max(now - last_time,
+                                                         1e-9)
+    last_time = now
+    logger.log(done, row, console=(done % max(tc.log_every, 1) == 0 or
+                                   done == tc.num_steps))
+
+  # The host reads each step's metrics one step late: step n+1's batch is
+  # staged and the step queued while step n still runs, so the device
+  # never waits on the host. Saves read every earlier step first.
+  pending = None
   try:
     for step in range(start, tc.num_steps):
       batch = first if step == 0 else source.get(step)
@@ -529,39 +559,24 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
       batch = {k: sharding.put(v, batch_sh[k]) for k, v in batch.items()}
       params, opt_state, metrics = step_fn(params, opt_state, batch,
                                            jnp.asarray(step, jnp.int32), masks)
-      metrics = jax.device_get(metrics)
-      if not metrics['ok']:
-        good = mgr.latest_step() if mgr else None
-        if mgr:
-          mgr.wait_until_finished()
-        raise TrainingDivergedError(
-            f'non-finite loss {float(metrics["loss"])} / grad_norm '
-            f'{float(metrics["grad_norm"])} in step {step + 1} of '
-            f'{tc.num_steps} (lr '
-            f'{float(metrics["lr"]):.3g}); the step was not applied and '
-            f'nothing was saved; last good checkpoint: '
-            f'{"none" if good is None else f"step {good} in {mgr.directory}"}')
-      done = step + 1
-      now = time.time()
-      row = {k: v for k, v in metrics.items() if k not in ('ok', 'tokens')}
-      row['tokens_per_s'] = float(metrics['tokens']) / max(now - last_time,
-                                                           1e-9)
-      last_time = now
-      logger.log(done, row, console=(done % max(tc.log_every, 1) == 0 or
-                                     done == tc.num_steps))
+      if pending is not None:
+        settle(*pending)
+      done, pending = step + 1, (step + 1, metrics)
       if mgr and ((tc.save_every and done % tc.save_every == 0) or
                   done == tc.num_steps):
+        settle(*pending)
+        pending = None
         mgr.save(done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(
                 {'params': params, 'opt_state': opt_state, 'rng': rng}),
             meta=ocp.args.JsonSave({'step': done, 'data_position': done,
                                     'num_truncated': source.num_truncated})))
         faults.failpoint('checkpoint.saved')
-      last_step = done
+    if pending is not None:
+      settle(*pending)
   finally:
     logger.close()
     if mgr:
       mgr.wait_until_finished()
       mgr.close()
-  del last_step
   return params
