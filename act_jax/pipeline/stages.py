@@ -565,18 +565,6 @@ def _tokenize_mixed(records, sources, tokenizer, tc):
   return out
 
 
-def compat_finetune(plan: jobs_lib.Plan, params, cfg, mask, batches,
-                    workdir: str, scope: str | None = None, mesh=None):
-  """The compatibility fine-tune (or, scope 'full', the full-FT baseline)."""
-  tc = plan.train
-  if scope is not None:
-    tc = dataclasses.replace(tc, scope=scope,
-                             lean=tc.lean and scope == 'channels')
-  tree = None if tc.scope == 'full' else masks_lib.leaf_masks(mask, params)
-  return finetune_lib.finetune(tc, params, cfg, batches, mask=tree,
-                               mesh=mesh, workdir=workdir)
-
-
 def finetune(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
   """Compatibility fine-tune of each job's primary ACT result (nothing
   when `sweep.finetune` has no `act`)."""
@@ -597,8 +585,9 @@ def finetune(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
     tok = models_io.load_tokenizer(_model_dir(ctx, job.base))
     batches, info = sft_batches(cand_lib.with_sft_seed(plan, cand), job, tok)
     mask = b.train_mask(cand)
-    new = compat_finetune(plan, start, cfg, mask, batches,
-                          ctx.sub_dir(job.name + '_work'), mesh=mesh)
+    new = finetune_lib.compat_finetune(plan.train, start, cfg, mask, batches,
+                                       ctx.sub_dir(job.name + '_work'),
+                                       mesh=mesh)
     params_io.save_params_dir(ctx.sub_dir(sub), new, cfg,
                               tokenizer_dir=_model_dir(ctx, job.base),
                               meta={'candidate': cand.name, 'sft': info})
@@ -693,8 +682,8 @@ def evaluate(plan: jobs_lib.Plan, ctx: Ctx, mesh: jax.sharding.Mesh) -> dict:
           tf = time.time()
           # finetune never donates the caller's arrays: the shared leaves
           # of a transplant and its target stay valid.
-          params = compat_finetune(
-              plan, params, cfg,
+          params = finetune_lib.compat_finetune(
+              plan.train, params, cfg,
               None if cand.kind == 'full_ft' else b.train_mask(cand),
               sft[seed][0], work,
               scope='full' if cand.kind == 'full_ft' else None, mesh=mesh)

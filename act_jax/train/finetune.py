@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -40,6 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from act_jax import distributed
+from act_jax.act import masks as masks_lib
 from act_jax.io import atomic
 from act_jax.io import faults
 from act_jax.io import inputs as inputs_lib
@@ -580,3 +581,28 @@ def finetune(train_cfg, params: Params, cfg: ModelConfig, batches, *,
       mgr.wait_until_finished()
       mgr.close()
   return params
+
+
+def compat_finetune(train_cfg: TrainConfig, params, cfg: ModelConfig,
+                    mask: Mapping[str, np.ndarray] | None, batches,
+                    workdir: str | None, scope: str | None = None,
+                    mesh=None):
+  """The compatibility fine-tune of a transplant: `finetune` with only the
+  channels of the compact mask `{site: [L, C]}` trainable (or, scope
+  'full', the full fine-tune baseline on the same data and steps).
+
+  Args:
+    train_cfg: the train config; `scope` overrides its scope (the lean
+      state only applies to scope 'channels').
+    params, cfg: the start model.
+    mask: the transferred channels (None for scope 'full').
+    batches, workdir, mesh: as `finetune`.
+    scope: None (the config's), 'channels' or 'full'.
+  """
+  tc = train_cfg
+  if scope is not None:
+    tc = dataclasses.replace(tc, scope=scope,
+                             lean=tc.lean and scope == 'channels')
+  tree = None if tc.scope == 'full' else masks_lib.leaf_masks(mask, params)
+  return finetune(tc, params, cfg, batches, mask=tree, mesh=mesh,
+                  workdir=workdir)
