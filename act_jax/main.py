@@ -32,6 +32,10 @@ _HELP_CONFIG = flags.DEFINE_bool(
 
 def _config():
   """The loaded config; a missing or broken config file is one line."""
+  path = flags.FLAGS['config'].serialize().split('=', 1)[-1].split(':')[0]
+  if path and not os.path.isfile(path):
+    raise app.UsageError(f'--config={path}: no such file (a config is a '
+                         'Python file, e.g. configs/demo.py[:size])')
   try:
     config = _CONFIG.value
     list(config.keys())  # a lazy proxy: a failed load raises only on use

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -354,6 +356,47 @@ class PipelineHolesTest(absltest.TestCase):
     c = _tiny(self.dev)
     c.overwrite = True
     run_lib.run_pipeline(c, self.work)
+
+
+class CliLinesTest(absltest.TestCase):
+  """Item 7: a bad config key, a missing config file and --help through
+  `python -m act_jax.main` as a user runs it: one line, a useful exit."""
+
+  def test_bad_keys_missing_file_and_help(self):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix='holes_cli_')
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
+    env.pop('XLA_FLAGS', None)
+    work = '--workdir=' + os.path.join(tmp, 'w')
+    tiny = '--config=configs/demo.py:tiny'
+    cases = (
+        ((tiny, work, '--config.collect.batchsize=4'),
+         "no config field 'batchsize'; did you mean 'batch_size'"),
+        ((tiny, work, '--config.colect.batch_size=4'),
+         "no config field 'colect'; did you mean 'collect'"),
+        ((tiny, work, '--config.abilities.abilty.probe=x'),
+         "no config field 'abilty'"),
+        (('--config=nonexist.py', work), '--config=nonexist.py: no such file'),
+    )
+    for args, msg in cases:
+      with self.subTest(args=args[-1]):
+        p = subprocess.run([sys.executable, '-m', 'act_jax.main', *args],
+                           cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+        self.assertNotEqual(p.returncode, 0)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        self.assertIn(msg, lines[-1])
+        self.assertNotIn('Traceback', p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(tmp, 'w')))
+    for flag, want in (('--help', 'help_config'),
+                       ('--help_config', 'collect.batch_size')):
+      with self.subTest(flag=flag):
+        p = subprocess.run([sys.executable, '-m', 'act_jax.main', flag,
+                            tiny], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+        self.assertIn(want, p.stdout + p.stderr)
 
 
 if __name__ == '__main__':
