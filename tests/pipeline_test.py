@@ -2,6 +2,7 @@
 verdicts, the candidate registry, one compiled fine-tune step per structure,
 and one-line CLI errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,47 @@ class ConfigTest(absltest.TestCase):
     self.assertLen(names, 7 + 4 * 3 + 3 + 4 * 3)
     self.assertEqual(candidates.primary(plan, True).name,
                      'act[mean_abs_diff]@0.05+ft')
+
+
+class NewBaselineTest(absltest.TestCase):
+  """A whole-model baseline added through the registry alone (no other
+  library file edited) is built, scored and reported by the pipeline."""
+
+  def test_a_registered_baseline_runs_through_the_tiny_pipeline(self):
+    from act_jax.pipeline import run as run_lib  # pylint: disable=g-import-not-at-top
+
+    def halfway(b, cand):  # a model_stock-like merge: base + t * mean delta
+      del cand
+      p = b.job.pairs[0]
+      base, task = b.params(p.source), b.params(p.target)
+      return jax.tree.map(lambda x, y: x + 0.5 * (y - x), base, task)
+
+    candidates.register('halfway', halfway)
+    self.addCleanup(candidates.REGISTRY.pop, 'halfway')
+    with self.assertRaisesRegex(ValueError, 'registered already'):
+      candidates.register('halfway', halfway)
+    c = testutil.load_config('demo.py', 'tiny')
+    c.mode = 'recover'
+    c.sweep.candidates = 'source,target,linear,halfway'
+    c.sweep.extra_rhos, c.sweep.finetune = '', ''
+    c.case.base_steps, c.case.spec_steps = 4, 2
+    c.case.num_probe = c.case.num_eval = 8
+    c.evaluate.num_eval = 8
+    c.report.bootstrap = 50
+    c.report.plots = False
+    work = tempfile.mkdtemp(prefix='new_baseline_')
+    run_lib.run_pipeline(c, work)
+    rows = json.load(open(os.path.join(work, 'evaluate', 'recover.json')))[
+        'results']
+    # The demo's linear baseline interpolates at baselines.interp_t=0.5
+    # from the target too: the same params, so the same numbers.
+    self.assertEqual(c.baselines.interp_t, 0.5)
+    for a, m in rows['halfway'].items():
+      for k, v in m.items():
+        self.assertAlmostEqual(v, rows['linear'][a][k], places=5, msg=(a, k))
+    self.assertNotEqual(rows['halfway'], rows['target'])
+    with open(os.path.join(work, 'report.md')) as f:
+      self.assertIn('| halfway |', f.read())
 
 
 class DriftTest(absltest.TestCase):

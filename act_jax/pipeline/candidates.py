@@ -347,3 +347,25 @@ REGISTRY: dict[str, Callable[[Builder, Candidate], Any]] = {
     'linear': _whole, 'task_arithmetic': _whole, 'ties': _whole,
     'dare': _whole, 'full_ft': _full_ft,
 }
+# Rows that are not whole-model kinds `sweep.candidates` may name.
+_NOT_WHOLE = jobs_lib.SELECTORS + ('model',)
+
+
+def whole_model_kinds() -> tuple[str, ...]:
+  """What `sweep.candidates` may name: every registered row kind but the
+  channel selectors (`sweep.selectors`) and the merge job's input models."""
+  return tuple(k for k in REGISTRY if k not in _NOT_WHOLE)
+
+
+def register(kind: str, build: Callable[[Builder, Candidate], Any]) -> None:
+  """Adds a whole-model baseline: `build(builder, candidate)` returns the
+  row's params (`builder.params(name)` loads a job model; the job's kind
+  and pairs are `builder.job`). `sweep.candidates` may then name `kind`;
+  its row is built, scored and reported like the built-in merges.
+
+  Raises:
+    ValueError when `kind` is taken.
+  """
+  if kind in REGISTRY:
+    raise ValueError(f'candidate kind {kind!r} is registered already')
+  REGISTRY[kind] = build

@@ -25,8 +25,6 @@ from act_jax.train import finetune
 MODES = ('recover', 'merge', 'analyze')
 WORKDIR_TOKEN = '{workdir}'
 SELECTORS = ('act', 'random', 'weight_diff')
-WHOLE_MODEL = ('source', 'target', 'full_ft', 'linear', 'task_arithmetic',
-               'ties', 'dare')
 
 
 class ConfigError(ValueError):

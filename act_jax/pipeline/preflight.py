@@ -49,6 +49,7 @@ from act_jax.model import capture
 from act_jax.model import forward
 from act_jax.model import sharding
 from act_jax.model.config import ModelConfig
+from act_jax.pipeline import candidates as cand_lib
 from act_jax.pipeline import jobs as jobs_lib
 from act_jax.pipeline import report as report_lib
 from act_jax.train import finetune
@@ -191,7 +192,7 @@ def _sweep(plan: jobs_lib.Plan) -> None:
       raise PreflightError(f'--config.sweep.finetune: {s!r} is not one of '
                            f'sweep.selectors ({sw.selectors})')
   for c in jobs_lib.parse_list(sw.candidates):
-    _choice(c, jobs_lib.WHOLE_MODEL, 'sweep.candidates')
+    _choice(c, cand_lib.whole_model_kinds(), 'sweep.candidates')
   for s in jobs_lib.parse_list(sw.patch):
     _choice(s, jobs_lib.SELECTORS, 'sweep.patch')
   seeds = plan.seeds
