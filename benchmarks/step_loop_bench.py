@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.getcwd())  # the checkout being measured
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_common
 from act_jax.act import masks as masks_lib
 from act_jax.model import forward
 from act_jax.model.config import ModelConfig
@@ -39,6 +40,8 @@ _HIDDEN = flags.DEFINE_integer('hidden', 256, 'Model width.')
 
 def main(argv):
   del argv
+  print(bench_common.header('step_loop_bench', ' '.join(
+      ['python benchmarks/step_loop_bench.py'] + sys.argv[1:])), flush=True)
   cfg = ModelConfig(model_type='llama', vocab_size=2048,
                     hidden_size=_HIDDEN.value,
                     intermediate_size=2 * _HIDDEN.value, num_layers=4,
@@ -69,11 +72,14 @@ def main(argv):
   one, _ = run(1)
   wall, losses = run(_STEPS.value + 1)
   losses = np.asarray(losses, np.float64)
-  print(f'params {forward.count_params(params):,}; {_STEPS.value} steps in '
-        f'{wall - one:.2f} s: {_STEPS.value / (wall - one):.2f} steps/s '
-        f'(8 x 64 tokens); loss digest '
-        f'{hashlib.sha256(losses.tobytes()).hexdigest()[:16]} '
-        f'(last {losses[-1]:.6f})')
+  print(f'\nload average at the end {bench_common.load_average()}')
+  print(f'params {forward.count_params(params):,}, batch 8 x 64 tokens')
+  print('| steps | s | steps/s | loss digest | last loss |')
+  print('|---|---|---|---|---|')
+  print(f'| {_STEPS.value} | {wall - one:.2f} | '
+        f'{_STEPS.value / (wall - one):.2f} | '
+        f'{hashlib.sha256(losses.tobytes()).hexdigest()[:16]} | '
+        f'{losses[-1]:.6f} |')
 
 
 if __name__ == '__main__':

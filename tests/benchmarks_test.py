@@ -35,6 +35,8 @@ TINY = {
                    '| metric | ours / transformers |'),
     'convert_bench': (['--repeats=1'], '| method | wall / floor |'),
     'toy_step_bench': (['--calls=1'], '| call | s per call |'),
+    'step_loop_bench': (['--steps=2', '--hidden=64'],
+                        '| steps | s | steps/s | loss digest |'),
     # Compiled ahead of time only (no weights): a tiny shape on 8 devices.
     'plan_7b': (['--models=tiny', '--devices=8'],
                 '| model | devices (mesh) | program | batch |'),
